@@ -1,0 +1,78 @@
+"""qdit's public API: load_transformer and inspect."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, defaultdict
+from typing import Any
+
+import torch
+
+from qdit import formats
+from qdit.formats.checkpoint import open_checkpoint
+from qdit.loading.loader import build_skeleton, linear_layers, load_into
+from qdit.models import adapter_for_class
+
+log = logging.getLogger("qdit")
+
+
+def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     backend: str | None = None, quantize: str | None = None) -> torch.nn.Module:
+    """Load a diffusers DiT transformer with qdit's quantized layers.
+
+    path: a transformer folder (config.json + safetensors) or a pipeline folder (model_index.json).
+    quantize: None/"none" loads the checkpoint as it is (a ModelOpt export runs quantized, a BF16
+        checkpoint runs in BF16); "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4" or "nvfp4_svd"
+        quantizes a BF16 checkpoint while it loads.
+    backend: force a kernel backend by name (default: the best one for the device, per layer).
+    """
+    device = torch.device(device)
+    ckpt = open_checkpoint(path)
+    adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))
+    fmt = formats.detect(ckpt)
+    skeleton = build_skeleton(adapter, ckpt.config, dtype)
+    plan = formats.plan_for(ckpt, fmt, adapter, linear_layers(skeleton), quantize)
+    del skeleton
+    model, report = load_into(adapter, ckpt, plan, dtype=dtype, device=device, backend=backend,
+                              quantize_from_full=quantize not in (None, "none"))
+    log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
+             f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
+    model.qdit_load_report = report
+    model.qdit_plan = plan
+    return model
+
+
+def inspect(path: str | os.PathLike) -> dict[str, Any]:
+    """Format, quant_algo, scheme per Linear, excluded layers, bytes by dtype and parameter counts."""
+    ckpt = open_checkpoint(path)
+    adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))
+    fmt = formats.detect(ckpt)
+    skeleton = build_skeleton(adapter, ckpt.config, torch.bfloat16)
+    linears = linear_layers(skeleton)
+    plan = formats.plan_for(ckpt, fmt, adapter, linears, None)
+    bytes_by_dtype: dict[str, int] = defaultdict(int)
+    elements = 0
+    for info in ckpt.tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        elements += n
+        bytes_by_dtype[str(info.dtype).replace("torch.", "")] += n * info.dtype.itemsize
+    logical = sum(p.numel() for p in skeleton.parameters())
+    return {
+        "path": str(ckpt.folder),
+        "model": adapter.name,
+        "class_name": ckpt.class_name,
+        "format": fmt.name,
+        "quant_algo": fmt.quant_algo,
+        "producer": fmt.modelopt.producer if fmt.modelopt else None,
+        "files": [str(f) for f in ckpt.files],
+        "layers": {name: lq.describe() for name, lq in plan.items()},
+        "scheme_counts": dict(Counter(lq.describe() for lq in plan.values())),
+        "excluded": sorted(name for name, lq in plan.items() if not lq.quantized) if fmt.name != "bf16" else [],
+        "bytes_by_dtype": dict(bytes_by_dtype),
+        "total_bytes": sum(bytes_by_dtype.values()),
+        "parameter_count": logical,
+        "stored_elements": elements,
+    }

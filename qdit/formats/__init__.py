@@ -1,0 +1,73 @@
+"""Checkpoint formats: what is on disk -> a per-Linear quantization plan.
+
+One module per producer; detection reads the checkpoint's own config, never its file names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qdit.errors import QditError, UnsupportedFormatError
+from qdit.formats import modelopt
+from qdit.formats.checkpoint import Checkpoint, open_checkpoint
+from qdit.models.base import ModelAdapter
+from qdit.quant.scheme import UNQUANTIZED, LayerQuant, Scheme, default_layer_quant
+
+# Formats qdit can quantize a BF16 checkpoint into while loading it.
+LOAD_TIME_FORMATS = {
+    "fp8": Scheme.FP8,
+    "fp8_per_channel": Scheme.FP8_PER_CHANNEL,
+    "nvfp4": Scheme.NVFP4,
+    "w4a16_nvfp4": Scheme.W4A16_NVFP4,
+    "nvfp4_svd": Scheme.NVFP4_SVD,
+}
+
+
+@dataclass
+class DetectedFormat:
+    name: str  # "modelopt" or "bf16"
+    quant_algo: str | None
+    modelopt: modelopt.ModelOptConfig | None = None
+
+
+def detect(ckpt: Checkpoint) -> DetectedFormat:
+    found = modelopt.find_quantization_config(ckpt)
+    if found is None:
+        return DetectedFormat("bf16", None)
+    raw, source = found
+    cfg = modelopt.parse_modelopt_config(raw, source)
+    if cfg is None:
+        raise UnsupportedFormatError(
+            "the checkpoint has a quantization config qdit does not read", file=source,
+            expected="a ModelOpt export (quant_method modelopt / modelopt_fp4 / modelopt_mixed, or producer modelopt)",
+            found=f"quant_method={raw.get('quant_method')!r}",
+            hint="Nunchaku checkpoints are converted first with `qdit convert nunchaku`")
+    return DetectedFormat("modelopt", cfg.quant_algo, cfg)
+
+
+def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linears: dict[str, tuple[int, int, bool]],
+             quantize: str | None, *, lora_rank: int = 32) -> dict[str, LayerQuant]:
+    """Per-Linear plan: from the checkpoint's config, or from a load-time quantization request."""
+    if quantize is not None and quantize != "none":
+        if fmt.name != "bf16":
+            raise QditError(
+                f"{ckpt.folder} is already quantized ({fmt.name} {fmt.quant_algo}); it cannot be quantized again "
+                f"to {quantize}. Load it as it is (quantize=None), or quantize its BF16 original.")
+        scheme = LOAD_TIME_FORMATS.get(quantize)
+        if scheme is None:
+            raise QditError(f"unknown quantization format {quantize!r}; choose one of: "
+                            f"{', '.join(LOAD_TIME_FORMATS)} (or none)")
+        config: dict[str, Any] = dict(ckpt.config)
+        target = default_layer_quant(scheme, static=False, lora_rank=lora_rank)
+        plan = {}
+        for name, (k, n, _) in linears.items():
+            excluded = adapter.is_excluded_by_default(name, config) or k % 16 or n % 16
+            plan[name] = UNQUANTIZED if excluded else target
+        return plan
+    if fmt.modelopt is not None:
+        return modelopt.plan_layers(fmt.modelopt, ckpt, linears)
+    return {name: UNQUANTIZED for name in linears}
+
+
+__all__ = ["Checkpoint", "DetectedFormat", "LOAD_TIME_FORMATS", "detect", "open_checkpoint", "plan_for"]

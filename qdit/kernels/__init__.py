@@ -1,0 +1,8 @@
+"""Kernel backends. Importing this package registers every backend qdit ships."""
+
+from qdit.kernels.reference import ReferenceBackend
+from qdit.kernels.registry import BackendSelector, backend_by_name, backends, register_backend
+
+register_backend(ReferenceBackend())
+
+__all__ = ["BackendSelector", "backend_by_name", "backends", "register_backend"]

@@ -1,0 +1,43 @@
+"""What qdit needs to know about a diffusers DiT class: one small adapter per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Facts about one diffusers transformer class.
+
+    name: short name used by the CLI and configs ("qwen-image").
+    class_name: the diffusers class, as written in config.json's "_class_name".
+    is_excluded_by_default: (layer name, model config) -> True for Linears kept in BF16 when qdit
+        quantizes a BF16 checkpoint; follows ModelOpt's diffusers example recipe for the model.
+    tiny_config: a small config of the same architecture, for tests and the embedded default.
+    full_config: the published model's config (for benchmarks with random weights).
+    example_inputs: builds the forward's keyword arguments for a batch / resolution / text length.
+    """
+
+    name: str
+    class_name: str
+    is_excluded_by_default: Callable[[str, dict[str, Any]], bool]
+    tiny_config: dict[str, Any]
+    full_config: dict[str, Any]
+    example_inputs: Callable[..., dict[str, Any]]
+    # Modules repeated along the depth of the model (compiled one by one when asked).
+    block_lists: tuple[str, ...] = field(default=())
+
+    def model_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    def output_tensor(self, output) -> torch.Tensor:
+        """The forward's sample tensor, whatever container diffusers returned."""
+        sample = output[0] if isinstance(output, (tuple, list)) else output.sample
+        if isinstance(sample, (list, tuple)):  # Z-Image returns one tensor per batch item
+            return torch.stack(list(sample))
+        return sample

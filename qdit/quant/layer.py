@@ -1,0 +1,67 @@
+"""QuantLinear: a drop-in for torch.nn.Linear whose tensors and compute follow a quantization scheme."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdit.quant.method import LinearMethod
+from qdit.quant.methods import method_for
+from qdit.quant.scheme import LayerQuant
+
+
+class QuantLinear(nn.Module):
+    """Holds a method's tensors (created on the meta device, filled by the loader) under checkpoint names.
+
+    Tensors in the compute dtype (bias, smoothing vector, low-rank factors) are parameters; quantized
+    data and scales are buffers, so diffusers' `model.dtype` (its first floating parameter) stays the
+    compute dtype. `layer.weight` is the dequantized weight in the compute dtype, as a Linear's would be
+    (diffusers code reads `.weight.dtype` to cast inputs); the stored tensor is `layer.tensor("weight")`.
+    `backend` is set once loading is done; forward delegates to it.
+    """
+
+    def __init__(self, name: str, in_features: int, out_features: int, bias: bool, layer_quant: LayerQuant,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layer_quant = layer_quant
+        self.compute_dtype = dtype
+        self.method: LinearMethod = method_for(layer_quant, in_features, out_features, bias)
+        for tname, spec in self.method.specs.items():
+            t = torch.empty(spec.shape, dtype=spec.dtype or dtype, device="meta")
+            if spec.dtype is None:
+                self.register_parameter(tname, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(tname, t)
+        if not bias:
+            self.register_parameter("bias", None)
+        self.backend = None
+
+    def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.method.specs[name]
+        if spec.dtype is None:
+            self._parameters[name] = nn.Parameter(tensor.to(self.compute_dtype), requires_grad=False)
+        else:
+            self._buffers[name] = tensor
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A stored checkpoint tensor by its checkpoint name."""
+        return self._buffers[name] if name in self._buffers else self._parameters[name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if "weight" not in self._buffers:
+            raise AttributeError("weight")
+        return self.method.dequantize(self).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            raise RuntimeError(f"layer {self.name} has no kernel backend: it was not loaded by qdit")
+        return self.backend.apply(self, x)
+
+    def extra_repr(self) -> str:
+        backend = self.backend.name if self.backend is not None else "none"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.layer_quant.describe()}, backend={backend}")

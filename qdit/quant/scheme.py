@@ -1,0 +1,68 @@
+"""The quantization scheme of one Linear: what its tensors are and how its activations are quantized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Scheme(str, Enum):
+    BF16 = "bf16"  # unquantized, model dtype
+    FP8 = "fp8"  # FP8 weight, per-tensor scale; FP8 activations, per-tensor scale
+    FP8_PER_CHANNEL = "fp8_per_channel"  # FP8 weight, per-channel scale; FP8 activations per token (dynamic)
+    NVFP4 = "nvfp4"  # NVFP4 weight and activations (W4A4)
+    W4A16_NVFP4 = "w4a16_nvfp4"  # NVFP4 weight, activations in model dtype
+    NVFP4_SVD = "nvfp4_svd"  # NVFP4 W4A4 residual + BF16 low-rank branch + smoothing
+
+
+class ActivationScale(str, Enum):
+    """Where an activation's per-tensor scale comes from."""
+
+    NONE = "none"  # activations are not quantized, or use per-token scales computed at run time
+    STATIC = "static"  # calibrated, stored in the checkpoint as input_scale
+    DYNAMIC = "dynamic"  # computed from each call's amax (qdit's load-time quantization without calibration)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Everything a method needs to know to create a layer's tensors."""
+
+    scheme: Scheme
+    activation_scale: ActivationScale = ActivationScale.NONE
+    pre_quant_scale: bool = False  # NVFP4 family: input multiplied by a per-channel vector first
+    lora_rank: int = 0  # NVFP4_SVD: rank of the BF16 low-rank branch
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme is not Scheme.BF16
+
+    def describe(self) -> str:
+        parts = [self.scheme.value]
+        if self.activation_scale is ActivationScale.DYNAMIC:
+            parts.append("dynamic-act")
+        if self.pre_quant_scale and self.scheme is not Scheme.NVFP4_SVD:
+            parts.append("smoothed")
+        if self.lora_rank:
+            parts.append(f"r{self.lora_rank}")
+        return "+".join(parts)
+
+
+UNQUANTIZED = LayerQuant(Scheme.BF16)
+
+
+def default_layer_quant(scheme: Scheme, *, static: bool, lora_rank: int = 32) -> LayerQuant:
+    """The LayerQuant a whole-model format implies (before per-layer refinements)."""
+    if scheme is Scheme.BF16:
+        return UNQUANTIZED
+    act = ActivationScale.STATIC if static else ActivationScale.DYNAMIC
+    if scheme is Scheme.FP8:
+        return LayerQuant(scheme, act)
+    if scheme is Scheme.FP8_PER_CHANNEL:
+        return LayerQuant(scheme, ActivationScale.NONE)
+    if scheme is Scheme.NVFP4:
+        return LayerQuant(scheme, act)
+    if scheme is Scheme.W4A16_NVFP4:
+        return LayerQuant(scheme, ActivationScale.NONE)
+    if scheme is Scheme.NVFP4_SVD:
+        return LayerQuant(scheme, act, pre_quant_scale=True, lora_rank=lora_rank)
+    raise ValueError(scheme)
