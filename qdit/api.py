@@ -11,8 +11,8 @@ import torch
 
 from qdit import formats
 from qdit.formats.checkpoint import open_checkpoint
-from qdit.loading.loader import build_skeleton, linear_layers, load_into
-from qdit.models import adapter_for_class
+from qdit.loading.loader import RandomWeights, build_skeleton, linear_layers, load_into
+from qdit.models import adapter_by_name, adapter_for_class
 
 log = logging.getLogger("qdit")
 
@@ -41,6 +41,29 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     model.qdit_load_report = report
     model.qdit_plan = plan
     return model
+
+
+def random_transformer(model: str, *, full_size: bool = False, config: dict[str, Any] | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                       backend: str | None = None, quantize: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """A transformer with seeded random weights, built and quantized exactly as a checkpoint load would be.
+
+    model: an adapter name ("qwen-image", "flux", "z-image"); full_size picks the published config,
+    otherwise the tiny one, unless `config` is given.
+    """
+    adapter = adapter_by_name(model)
+    device = torch.device(device)
+    cfg = dict(config or (adapter.full_config if full_size else adapter.tiny_config))
+    source = RandomWeights(adapter, cfg, device, dtype, seed)
+    fmt = formats.DetectedFormat("bf16", None)
+    skeleton = build_skeleton(adapter, cfg, dtype)
+    plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize)
+    del skeleton
+    model_, report = load_into(adapter, source, plan, dtype=dtype, device=device, backend=backend,
+                               quantize_from_full=quantize not in (None, "none"))
+    model_.qdit_load_report = report
+    model_.qdit_plan = plan
+    return model_
 
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:

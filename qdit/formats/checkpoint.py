@@ -52,6 +52,19 @@ class Checkpoint:
     def class_name(self) -> str | None:
         return self.config.get("_class_name")
 
+    def iter_tensors(self):
+        """(name, tensor, file) for every tensor, file by file; one tensor in host memory at a time."""
+        for file in self.files:
+            names = [n for n, info in self.tensors.items() if info.file == file]
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types; name the file
+                raise CheckpointError("safetensors file cannot be opened", file=str(file), found=str(e),
+                                      hint="the file is corrupt; download it again") from e
+            with handle as f:
+                for name in names:
+                    yield name, f.get_tensor(name), str(file)
+
     def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """Read one tensor (memory-mapped; only this tensor is materialised)."""
         info = self.tensors[name]
@@ -175,4 +188,4 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                                       file=f"{tensors[name].file.name} and {f.name}")
             tensors[name] = info
         metadata[f] = meta
-    return Checkpoint(folder, config, config_file, _weight_files(folder), tensors, metadata, sidecar)
+    return Checkpoint(folder, config, config_file, list(metadata), tensors, metadata, sidecar)

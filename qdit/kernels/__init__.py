@@ -1,8 +1,10 @@
 """Kernel backends. Importing this package registers every backend qdit ships."""
 
+from qdit.kernels.fp8_scaled_mm import FP8ScaledMMBackend
 from qdit.kernels.reference import ReferenceBackend
 from qdit.kernels.registry import BackendSelector, backend_by_name, backends, register_backend
 
+register_backend(FP8ScaledMMBackend())
 register_backend(ReferenceBackend())
 
 __all__ = ["BackendSelector", "backend_by_name", "backends", "register_backend"]

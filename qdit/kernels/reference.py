@@ -15,11 +15,11 @@ from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
 
 def _fp8_per_tensor(layer, x2d: torch.Tensor) -> torch.Tensor:
-    if layer.layer_quant.activation_scale is ActivationScale.STATIC:
-        input_scale = layer.tensor("input_scale").float()
-    else:
-        amax = x2d.abs().amax().float()
-        input_scale = torch.where(amax > 0, amax / numerics.E4M3_MAX, torch.ones_like(amax))
+    if layer.layer_quant.activation_scale is not ActivationScale.STATIC:
+        # qdit's load-time FP8 without calibration: dynamic per-token activation scales.
+        xq, token_scale = numerics.fp8_quantize_per_token(x2d)
+        return (xq.float() @ layer.tensor("weight").float().t()) * token_scale * layer.tensor("weight_scale").float()
+    input_scale = layer.tensor("input_scale").float()
     xq = numerics.fp8_quantize_static(x2d, input_scale)
     return (xq.float() @ layer.tensor("weight").float().t()) * (input_scale * layer.tensor("weight_scale").float())
 

@@ -100,8 +100,10 @@ class BackendSelector:
                     key = (layer_quant.describe(), tuple(refusals))
                     if key not in self._logged:
                         self._logged.add(key)
-                        log.warning("layers with scheme %s run on the reference backend (slow, exact): %s",
-                                    layer_quant.describe(), "; ".join(refusals))
+                        # Expected on a CPU; on a GPU it means the slow path was taken, so say it loudly.
+                        level = logging.INFO if self.device.type == "cpu" else logging.WARNING
+                        log.log(level, "layers with scheme %s run on the reference backend (slow, exact): %s",
+                                layer_quant.describe(), "; ".join(refusals))
                 return backend
             refusals.append(f"{backend.name}: {verdict.reason}")
         raise BackendUnavailableError(f"no kernel backend computes layer {layer_name}: " + "; ".join(refusals))

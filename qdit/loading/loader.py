@@ -11,11 +11,11 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 
 from qdit.errors import CheckpointError
@@ -143,26 +143,47 @@ class _Filler:
         self.filled.add(key)
 
 
-def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
+def fill_from_checkpoint(model: nn.Module, ckpt, *, dtype: torch.dtype, device: torch.device,
                          quantize_from_full: bool) -> int:
-    """Stream every tensor of the checkpoint into the model, one file (shard) at a time."""
+    """Stream every tensor of the checkpoint (or RandomWeights) into the model, one tensor at a time."""
     filler = _Filler(model, dtype, device)
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, info in ckpt.tensors.items():
-        by_file[str(info.file)].append(name)
     count = 0
-    for file, names in by_file.items():
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types; name the file
-            raise CheckpointError("safetensors file cannot be opened", file=file, found=str(e),
-                                  hint="the file is corrupt; download it again") from e
-        with handle as f:
-            for name in names:
-                filler.put(name, f.get_tensor(name), file, quantize_from_full)
-                count += 1
+    for name, tensor, source in ckpt.iter_tensors():
+        filler.put(name, tensor, source, quantize_from_full)
+        count += 1
     _check_complete(model, filler.filled, ckpt)
     return count
+
+
+class RandomWeights:
+    """A stand-in for a BF16 checkpoint: seeded random tensors made on the target device, one at a time.
+
+    Used to benchmark and smoke-test full-size models without a 40 GB download; the loader treats it
+    exactly like a checkpoint (same streaming, same load-time quantization, same strict checks).
+    """
+
+    def __init__(self, adapter: ModelAdapter, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 seed: int = 0):
+        self.folder = Path(f"<random {adapter.name} weights, seed {seed}>")
+        self.config = {"_class_name": adapter.class_name, **config}
+        self.class_name = adapter.class_name
+        self.device, self.dtype, self.seed = device, dtype, seed
+        skeleton = build_skeleton(adapter, config, dtype)
+        self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+        self.linear_weights = {f"{n}.weight" for n in linear_layers(skeleton)}
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        for name, (shape, dtype) in self.shapes.items():
+            if name in self.linear_weights:
+                t = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype) / shape[1] ** 0.5
+            elif name.endswith("bias"):
+                t = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype) * 0.02
+            elif dtype.is_floating_point:
+                t = torch.ones(shape, device=self.device, dtype=self.dtype)  # norm scales
+            else:
+                t = torch.zeros(shape, device=self.device, dtype=dtype)
+            yield name, t, str(self.folder)
 
 
 def _check_complete(model: nn.Module, filled: set[str], ckpt: Checkpoint) -> None:
@@ -206,7 +227,7 @@ def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | N
     return dict(repairs), dict(chosen)
 
 
-def load_into(adapter: ModelAdapter, ckpt: Checkpoint, plan: dict[str, LayerQuant], *, dtype: torch.dtype,
+def load_into(adapter: ModelAdapter, ckpt, plan: dict[str, LayerQuant], *, dtype: torch.dtype,
               device: torch.device, backend: str | None, quantize_from_full: bool) -> tuple[nn.Module, LoadReport]:
     start = time.perf_counter()
     model = build_skeleton(adapter, ckpt.config, dtype)

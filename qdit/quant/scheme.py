@@ -20,7 +20,9 @@ class ActivationScale(str, Enum):
 
     NONE = "none"  # activations are not quantized, or use per-token scales computed at run time
     STATIC = "static"  # calibrated, stored in the checkpoint as input_scale
-    DYNAMIC = "dynamic"  # computed from each call's amax (qdit's load-time quantization without calibration)
+    # Computed at run time (qdit's load-time quantization without calibration): FP8 uses per-token
+    # scales, NVFP4 a per-tensor global scale from the call's amax.
+    DYNAMIC = "dynamic"
 
 
 @dataclass(frozen=True)

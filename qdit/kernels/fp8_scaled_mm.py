@@ -1,0 +1,132 @@
+"""FP8 backend for Ada/Hopper/Blackwell: one Triton pass quantizes the activation, cuBLASLt FP8 GEMM
+(torch._scaled_mm) multiplies. Both are torch custom ops with fake implementations, so a transformer
+block compiles with torch.compile(fullgraph=True) without graph breaks.
+
+Math is the reference backend's (qdit.kernels.reference), up to the GEMM's accumulation order:
+  FP8, static:   xq = e4m3_sat(x / input_scale);   y = (xq @ Wq^T) * input_scale * weight_scale + b
+  FP8, dynamic / FP8_PER_CHANNEL: per-token s_m = amax(x[m]) / 448;  y = (xq @ Wq^T) * s_m * ws + b
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdit.kernels.registry import YES, Verdict
+from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (the CPU torch wheel ships without Triton)
+    triton = None
+
+E4M3_MAX = 448.0
+
+if triton is not None:
+
+    @triton.jit
+    def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_K)
+        # Pass 1: row amax (the row is read twice; the second read mostly hits L2).
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            m = (k0 + offs) < K
+            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        row_amax = tl.max(amax, axis=0)
+        scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            m = (k0 + offs) < K
+            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -448.0, 448.0)
+            tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.float8e4nv), mask=m)
+
+    @triton.jit
+    def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < numel
+        scale = tl.load(scale_ptr)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=m)
+
+
+@torch.library.custom_op("qdit::fp8_quant_per_token", mutates_args=())
+def fp8_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) -> (e4m3 [M, K], float32 scales [M, 1])."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _quant_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block,
+                                      num_warps=8 if block >= 2048 else 4)
+    return q, s
+
+
+@fp8_quant_per_token.register_fake
+def _(x):
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("qdit::fp8_quant_static", mutates_args=())
+def fp8_quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    n = x.numel()
+    if n:
+        _quant_static_kernel[(triton.cdiv(n, 4096),)](x, q, scale, n, BLOCK=4096, num_warps=8)
+    return q
+
+
+@fp8_quant_static.register_fake
+def _(x, scale):
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+
+
+class FP8ScaledMMBackend:
+    name = "fp8-scaled-mm"
+
+    def supports_device(self, device: torch.device) -> Verdict:
+        if device.type != "cuda":
+            return Verdict(False, f"needs a CUDA device, the model is on {device.type}")
+        if triton is None:
+            return Verdict(False, "Triton is not installed")
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return Verdict(False, f"FP8 tensor cores need compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
+        return YES
+
+    def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
+        if layer_quant.scheme not in (Scheme.FP8, Scheme.FP8_PER_CHANNEL):
+            return Verdict(False, f"computes FP8 layers only, not {layer_quant.scheme.value}")
+        if in_features % 16 or out_features % 16:
+            return Verdict(False, f"cuBLASLt FP8 needs K and N multiples of 16, got K={in_features} N={out_features}")
+        return YES
+
+    def prepare(self, layer) -> None:
+        # cuBLASLt's row-wise mode wants the weight scale as a [1, N] float32 row, built once here.
+        w_scale = layer.tensor("weight_scale").float()
+        row = w_scale.reshape(1, -1) if w_scale.ndim == 1 else w_scale.reshape(1, 1).expand(1, layer.out_features)
+        layer.register_buffer("fp8_weight_scale_row", row.contiguous(), persistent=False)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        lq = layer.layer_quant
+        w_t = layer.tensor("weight").t()  # [K, N] column-major view, what cuBLASLt wants
+        w_scale = layer.tensor("weight_scale")
+        if lq.scheme is Scheme.FP8 and lq.activation_scale is ActivationScale.STATIC:
+            input_scale = layer.tensor("input_scale")
+            xq = fp8_quant_static(x2d, input_scale)
+            y = torch._scaled_mm(xq, w_t, scale_a=input_scale, scale_b=w_scale, out_dtype=x.dtype,
+                                 bias=layer.bias)
+        else:
+            xq, token_scale = fp8_quant_per_token(x2d)
+            y = torch._scaled_mm(xq, w_t, scale_a=token_scale, scale_b=layer.fp8_weight_scale_row, out_dtype=x.dtype)
+            if layer.bias is not None:
+                y = y + layer.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
