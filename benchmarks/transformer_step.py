@@ -22,6 +22,7 @@ import qdit
 from qdit.api import random_transformer
 from qdit.kernels import backend_by_name
 from qdit.models import adapter_by_name
+from qdit.quant.calibration import calibrate_static_input_scales
 from qdit.quant.layer import QuantLinear
 
 
@@ -46,19 +47,59 @@ def step_ms(model, inputs, adapter, iters: int) -> float:
     return times[len(times) // 2]
 
 
-def compile_blocks(model, adapter, fullgraph: bool) -> None:
+def graphed_step_ms(model, inputs, adapter, iters: int) -> float:
+    """The step captured whole in one CUDA graph (static inputs), so host launch overhead is gone."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                adapter.output_tensor(model(**inputs))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            adapter.output_tensor(model(**inputs))
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
+def compile_blocks(model, adapter, fullgraph: bool, mode: str | None) -> None:
     for attr in adapter.block_lists:
         for block in getattr(model, attr):
-            block.compile(fullgraph=fullgraph)
+            block.compile(fullgraph=fullgraph, mode=mode)
 
 
-def timed_compile(model, inputs, adapter, fullgraph: bool) -> float:
-    compile_blocks(model, adapter, fullgraph)
+def timed_compile(model, inputs, adapter, fullgraph: bool, mode: str | None) -> float:
+    compile_blocks(model, adapter, fullgraph, mode)
     start = time.perf_counter()
     with torch.no_grad():
         adapter.output_tensor(model(**inputs))
     torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def profile(model, inputs, adapter, label: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            adapter.output_tensor(model(**inputs))
+        torch.cuda.synchronize()
+    print(f"--- profile ({label}, 2 steps) ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
 def main() -> int:
@@ -73,6 +114,9 @@ def main() -> int:
     parser.add_argument("--compile", default="bf16,fp8,fp8_per_channel", help="formats also timed compiled")
     parser.add_argument("--reference-forward", default="fp8,nvfp4",
                         help="formats whose reference-backend forward is timed once (smoke test)")
+    parser.add_argument("--compile-mode", default="", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time compiled steps replayed as one CUDA graph")
+    parser.add_argument("--profile", default="", help="formats whose compiled step is profiled (kernel table)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -84,14 +128,19 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
+        # (the layout of a ModelOpt export with static input_scale).
+        base_fmt = fmt.removesuffix("_static")
         model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if fmt == "bf16" else fmt)
+                                   quantize=None if base_fmt == "bf16" else base_fmt)
+        inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
+                                        text_tokens=args.text_tokens, device=device)
+        if fmt.endswith("_static"):
+            calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
         torch.cuda.synchronize()
         row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),
                "weight_gb": round(weight_bytes(model) / 1e9, 2),
                "backends": model.qdit_load_report.backends}
-        inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
-                                        text_tokens=args.text_tokens, device=device)
         if fmt == "bf16" or any(b != "reference" for b in row["backends"]):
             row["eager_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
         if fmt in args.reference_forward.split(","):
@@ -108,8 +157,13 @@ def main() -> int:
             for m, b in fast.items():
                 m.backend = b
         if fmt in args.compile.split(","):
-            row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16"), 1)
+            row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16",
+                                                   mode=args.compile_mode or None), 1)
             row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
+            if args.cuda_graph:
+                row["compiled_graph_ms"] = round(graphed_step_ms(model, inputs, adapter, args.iters), 1)
+        if fmt in args.profile.split(","):
+            profile(model, inputs, adapter, fmt)
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -120,25 +174,31 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "qdit": qdit.__version__,
         "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv), "model": args.model, "height": args.height, "width": args.width,
-        "batch": args.batch, "text_tokens": args.text_tokens, "weights": "random (seeded), full-size config",
+        "batch": args.batch, "text_tokens": args.text_tokens, "compile_mode": args.compile_mode or "default", "weights": "random (seeded), full-size config",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model}-{args.height}x{args.width}-b{args.batch}"
+    stem = f"{args.model}-{args.height}x{args.width}-b{args.batch}" + (f"-{args.compile_mode}" if args.compile_mode else "")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# {args.model} transformer step, {args.height}x{args.width}, batch {args.batch}, "
              f"{args.text_tokens} text tokens", "",
-             f"GPU: {meta['gpu']}; torch {meta['torch']}; diffusers {meta['diffusers']}; random weights.",
+             f"GPU: {meta['gpu']}; torch {meta['torch']}; diffusers {meta['diffusers']}; random weights; "
+             f"compile mode {meta['compile_mode']}.",
              f"Command: `{meta['command']}`", "",
-             "| format | backends | load s | weights GB | eager ms | compiled ms | compile s | vs BF16 compiled | "
-             "reference fwd s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | backends | load s | weights GB | eager ms | compiled ms | compiled+graph ms | compile s | "
+             "vs BF16 compiled | vs BF16 compiled+graph | reference fwd s | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = ""
         if base and base.get("compiled_ms") and r.get("compiled_ms"):
             ratio = f"{r['compiled_ms'] / base['compiled_ms']:.2f}x"
+        graph_ratio = ""
+        if base and base.get("compiled_graph_ms") and r.get("compiled_graph_ms"):
+            graph_ratio = f"{r['compiled_graph_ms'] / base['compiled_graph_ms']:.2f}x"
         lines.append(f"| {r['format']} | {', '.join(f'{k}:{v}' for k, v in r['backends'].items()) or 'torch'} | "
                      f"{r['load_s']} | {r['weight_gb']} | {r.get('eager_ms', '')} | {r.get('compiled_ms', '')} | "
-                     f"{r.get('compile_s', '')} | {ratio} | {r.get('reference_forward_s', '')} | {r['peak_gb']} |")
+                     f"{r.get('compiled_graph_ms', '')} | {r.get('compile_s', '')} | {ratio} | {graph_ratio} | "
+                     f"{r.get('reference_forward_s', '')} | {r['peak_gb']} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -32,7 +32,8 @@ def example_inputs(config: dict[str, Any], *, batch: int = 1, height: int = 256,
     return {
         "hidden_states": hidden.to(device, dtype),
         "encoder_hidden_states": text.to(device, dtype),
-        "encoder_hidden_states_mask": torch.ones(batch, text_tokens, dtype=torch.long, device=device),
+        # No mask: every text token is valid (the same as an all-ones mask, and capturable in a CUDA graph).
+        "encoder_hidden_states_mask": None,
         "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
         "img_shapes": [[(1, h, w)]] * batch,
         "return_dict": False,
