@@ -95,12 +95,16 @@ def resolve_transformer_folder(path: str | os.PathLike) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except PermissionError as e:
         raise CheckpointError("file is not readable", file=str(path), hint="check its permissions") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError("file is not valid JSON", file=str(path), found=str(e),
                               hint="the file is corrupt or truncated; download it again") from e
+    if not isinstance(data, dict):
+        raise CheckpointError("file does not hold a JSON object", file=str(path), expected="a JSON object",
+                              found=type(data).__name__, hint="the file is corrupt; download it again")
+    return data
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -125,10 +129,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError("safetensors header is not valid JSON", file=str(path), found=str(e)[:200],
                               hint="the file is corrupt; download it again") from e
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", file=str(path), found=type(header).__name__,
+                              hint="the file is corrupt; download it again")
     metadata = header.pop("__metadata__", None) or {}
     data_size = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or not (
+                isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2):
+            raise CheckpointError("safetensors header entry is malformed", file=str(path), tensor=name,
+                                  expected="{dtype, shape: [...], data_offsets: [begin, end]}", found=str(entry)[:200],
+                                  hint="the file is corrupt; download it again")
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise CheckpointError("tensor has a dtype qdit does not read", file=str(path), tensor=name,

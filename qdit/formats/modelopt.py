@@ -49,8 +49,12 @@ def _is_modelopt(cfg: dict[str, Any]) -> bool:
 
 def find_quantization_config(ckpt: Checkpoint) -> tuple[dict[str, Any], str] | None:
     """The raw quantization config of a checkpoint and where it was found, in ModelOpt's priority order."""
-    if isinstance(ckpt.config.get("quantization_config"), dict):
-        return ckpt.config["quantization_config"], str(ckpt.config_file)
+    if "quantization_config" in ckpt.config:
+        raw = ckpt.config["quantization_config"]
+        if not isinstance(raw, dict):
+            raise CheckpointError("quantization_config is not a JSON object", file=str(ckpt.config_file),
+                                  expected="an object", found=repr(raw)[:100])
+        return raw, str(ckpt.config_file)
     if ckpt.sidecar_quant_config is not None:
         return ckpt.sidecar_quant_config, str(ckpt.folder / "hf_quant_config.json")
     if len(ckpt.files) == 1:
@@ -87,6 +91,9 @@ def parse_modelopt_config(raw: dict[str, Any], source: str) -> ModelOptConfig | 
             raise CheckpointError("MIXED_PRECISION config has no quantized_layers", file=source,
                                   expected="a {layer: {quant_algo: ...}} policy", found="none")
         for name, entry in quantized_layers.items():
+            if not isinstance(entry, dict):
+                raise CheckpointError("mixed-precision policy entry is not an object", file=source, layer=name,
+                                      expected='{"quant_algo": ...}', found=repr(entry))
             if entry.get("quant_algo") not in ALGO_SCHEMES:
                 raise UnsupportedFormatError("unknown quant_algo in the mixed-precision policy", file=source,
                                              layer=name, expected=", ".join(ALGO_SCHEMES),
@@ -127,6 +134,12 @@ def plan_layers(cfg: ModelOptConfig, ckpt: Checkpoint, linears: dict[str, tuple[
     for pattern in cfg.ignore:
         if not any(matches_ignore(n, pattern) for n in linears):
             log.warning("ignore pattern %r in %s matches no Linear of the model", pattern, cfg.source)
+    unknown = sorted(set(cfg.quantized_layers) - set(linears))
+    if unknown:
+        raise CheckpointError("quantized_layers names layers the model does not have", file=cfg.source,
+                              layer=", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else ""),
+                              expected="names of the model's Linear layers", found=f"{len(unknown)} unknown name(s)",
+                              hint="the checkpoint is for another model or config")
     plan: dict[str, LayerQuant] = {}
     for name in linears:
         scheme = _scheme_of_layer(cfg, name)

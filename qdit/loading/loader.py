@@ -49,6 +49,9 @@ def build_skeleton(adapter: ModelAdapter, config: dict[str, Any], dtype: torch.d
         for name, buf in module._buffers.items():
             if buf is not None and buf.is_floating_point():
                 module._buffers[name] = buf.to(dtype)
+        for name, param in module._parameters.items():
+            if param is not None and param.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
     return model
 
 

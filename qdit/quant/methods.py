@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qdit.errors import CheckpointError
 from qdit.quant import numerics
 from qdit.quant.method import LinearMethod, TensorSpec
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
@@ -33,6 +34,15 @@ class FP8Method(LinearMethod):
         else:
             q, scale = numerics.fp8_per_tensor_weight(weight)
         return {"weight": q, "weight_scale": scale}
+
+    def process_after_loading(self, layer):
+        # FP8 weight bytes that decode to NaN are corrupt data (scales are clamped, weights are not).
+        bad = int(numerics.e4m3_nan_mask(layer.tensor("weight")).sum())
+        if bad:
+            raise CheckpointError("an FP8 weight holds NaN bytes (0x7F/0xFF)", tensor=f"{layer.name}.weight",
+                                  layer=layer.name, expected="finite float8_e4m3fn values", found=f"{bad} NaN byte(s)",
+                                  hint="the checkpoint is corrupt; re-export or re-download it")
+        return {}
 
     def dequantize(self, layer):
         scale = layer.tensor("weight_scale").float()
