@@ -31,8 +31,9 @@ ADAPTER = ModelAdapter(
     class_name="ZImageTransformer2DModel",
     is_excluded_by_default=_excluded,
     tiny_config={
-        "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 64, "n_layers": 2,
-        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True,
+        # dim 96 (3 heads of 32) makes the FFN width 256, a multiple of 16 as NVFP4 needs.
+        "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 96, "n_layers": 2,
+        "n_refiner_layers": 1, "n_heads": 3, "n_kv_heads": 3, "norm_eps": 1e-5, "qk_norm": True,
         "cap_feat_dim": 64, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [8, 12, 12],
         "axes_lens": [256, 64, 64],
     },

@@ -4,31 +4,37 @@
 BF16), calibrates it with ``mtq.quantize(model, <stock config>, forward_loop)`` on the adapter's
 ``example_inputs`` and writes it with ``modelopt.torch.export.export_hf_checkpoint``. It returns
 the folder plus two reference outputs on those same inputs: the unquantized BF16 model's and
-ModelOpt's fake-quantized model's.
+ModelOpt's fake-quantized model's. ``cached_modelopt_export`` does it once per process.
 
 Choices worth knowing:
 
-* ``fakequant_output`` is taken from the fake-quant model *as it is exported*: the export first
-  unifies the q/k/v amaxes of each attention block (and, for NVFP4_SVD, re-does the SVD of q/k/v
-  jointly) and only then packs the weights. We run the forward at that point by wrapping
-  ``modelopt.torch.export.unified_export_hf._process_quantized_modules`` (the packing step), so
-  the reference matches the scales in the checkpoint, not the pre-fusion calibration.
-* No weights are re-initialised: diffusers' ``from_config`` leaves PyTorch's default Linear init
-  in these tiny configs (no zero-initialised layer), and the outputs are O(1) with a clearly
-  visible quantization error (relative L2 about 0.04 for FP8, 0.1-0.25 for NVFP4).
-* Z-Image's tiny adapter config has ``dim=64``, so its FFN width is ``int(64/3*8) = 170`` and
-  ``feed_forward.w2`` has K=170, which NVFP4 export rejects (K must be a multiple of 16). Every
-  Z-Image export here therefore uses ``dim=96, n_heads=3, n_kv_heads=3`` (FFN width 256, head
-  dim still 32); the config actually used is in the exported ``config.json``.
+* ``fakequant_output`` is taken from the fake-quant model *as it is exported*. The export first
+  unifies the q/k/v amaxes of each Qwen-Image / FLUX attention block (for NVFP4_SVD it also redoes
+  the q/k/v SVD jointly) and only then packs the weights; that changes the output by up to 5 %.
+  We run the forward at that point by wrapping the packing step,
+  ``modelopt.torch.export.unified_export_hf._process_quantized_modules``, so the reference matches
+  the scales in the checkpoint: dequantized W4A16_NVFP4 weights reproduce it bit for bit.
+* All Linear weights are re-drawn from N(0, (0.5 / sqrt(in_features))^2). PyTorch's default init
+  is uniform(+-1/sqrt(K)), so every layer of one K gets the same amax (the bound) and per-tensor
+  scales could not tell layers apart (q/k/v amax unification would be a no-op, for instance).
+  Outputs stay O(1) (RMS about 0.5) with a visible quantization error (relative L2 about 0.04-0.07
+  for FP8, 0.1-0.25 for the NVFP4 family).
 
-CPU stand-in: ModelOpt's NVFP4 fake quantization (weights and activations, also inside the
-SVDQuant / AWQ-lite search) goes through ``modelopt.torch.quantization.tensor_quant.
-dynamic_block_quantize_op`` (the ``tensorrt::dynamic_block_quantize_op`` torch op). On a GPU that
-op calls the Triton kernel ``fp4_fake_quant_block``; on CPU it asserts that amax is a CUDA tensor
-and falls back to a CUDA extension, so NVFP4 cannot run. ``cpu_fake_quant()`` patches that module
-attribute (only while the context is active) with a function that computes in torch exactly what
-``fp4_fake_quant_block`` computes, and hands every other format to the original op. FP8 needs no
-stand-in: ModelOpt already has an eager CPU path for it.
+CPU stand-in: ModelOpt's NVFP4 fake quantization (of weights and activations, also inside the
+SVDQuant / AWQ-lite search and the export's QKV-fusion forward) goes through
+``modelopt.torch.quantization.tensor_quant.dynamic_block_quantize_op`` (the torch op
+``tensorrt::dynamic_block_quantize_op``). With CUDA tensors that op calls the Triton kernel
+``fp4_fake_quant_block``; with CPU tensors it fails ("amax must be a CUDA tensor"). Inside
+``cpu_fake_quant()`` only, that module attribute is patched with a function that sends NVFP4 to
+``fp4_fake_quant_block_cpu`` (the kernel's arithmetic in torch) and everything else to the
+original op. FP8 needs no stand-in: ModelOpt has an eager CPU path for it.
+
+The stand-in uses IEEE float32 division, as the kernel's formula reads, and as ModelOpt's own torch
+code does on CPU (so the exported ``weight_scale_2`` / ``input_scale`` equal the ``g`` it used).
+Checked on an H200 against the Triton kernel on 63 M elements: identical when ``g`` and the two
+divisions are computed the GPU way (PyTorch CUDA divides by a Python scalar as a multiply by its
+reciprocal, and Triton's float32 division is approximate); as written here, 0.06 % of elements,
+all at e4m3 / e2m1 rounding ties, land one step apart.
 """
 
 from __future__ import annotations
@@ -58,8 +64,7 @@ _STOCK_CONFIGS = {
     "NVFP4_SVD": "NVFP4_SVDQUANT_DEFAULT_CFG",
 }
 
-# Applied on top of adapter.tiny_config (see the module docstring).
-_CONFIG_OVERRIDES = {"z-image": {"dim": 96, "n_heads": 3, "n_kv_heads": 3}}
+_INIT_GAIN = 0.5  # Linear weights ~ N(0, (gain / sqrt(in_features))^2), see the module docstring
 
 # MIXED_PRECISION: attention Linears get FP8, everything else the stock NVFP4 config.
 _ATTENTION_PATTERNS = ("*.attn.*", "*.attention.*")
@@ -140,14 +145,24 @@ def quant_config(algo: str) -> dict[str, Any]:
 
 
 def build_tiny_model(adapter_name: str, seed: int = 0):
-    """(adapter, BF16 eval-mode tiny model) built under ``torch.manual_seed(seed)``."""
+    """(adapter, BF16 eval-mode tiny model): ``adapter.tiny_config`` under ``torch.manual_seed(seed)``,
+    Linear weights re-drawn (see the module docstring)."""
     from qdit.models import adapter_by_name
 
     adapter = adapter_by_name(adapter_name)
-    config = {**adapter.tiny_config, **_CONFIG_OVERRIDES.get(adapter_name, {})}
     torch.manual_seed(seed)
-    model = adapter.model_class().from_config(config).to(torch.bfloat16).eval()
+    model = adapter.model_class().from_config(adapter.tiny_config).to(torch.bfloat16).eval()
+    _reinit_linears(model, seed)
     return adapter, model
+
+
+@torch.no_grad()
+def _reinit_linears(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n, k = module.weight.shape
+            module.weight.copy_(torch.randn(n, k, generator=gen) * (_INIT_GAIN / k ** 0.5))
 
 
 def make_modelopt_export(adapter_name: str, algo: str, out_dir: Path, seed: int = 0) -> ModelOptExport:

@@ -1,0 +1,1 @@
+"""Test helpers shared across qdit's test suites."""
