@@ -157,7 +157,8 @@ def nvfp4_dequantize(codes: torch.Tensor, block_scale: torch.Tensor, global_scal
     """float32 values of NVFP4 codes [..., K] with block scales [..., K/16] and a global scale."""
     k = codes.shape[-1]
     vals = e2m1_decode(codes).reshape(*codes.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
-    vals = vals * block_scale.float()[..., None] * global_scale.float()
+    # e2m1 * (block_scale * global_scale): the order ModelOpt's own dequantization uses (bit-exact).
+    vals = vals * (block_scale.float() * global_scale.float())[..., None]
     return vals.reshape(codes.shape)
 
 

@@ -49,7 +49,7 @@ def independent_dequant(tensors: dict[str, torch.Tensor], name: str) -> torch.Te
     codes = torch.stack([low, high], dim=-1).flatten(-2)
     table = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
     block = tensors[f"{name}.weight_scale"].float().repeat_interleave(16, dim=1)
-    return table[codes] * block * tensors[f"{name}.weight_scale_2"].float()
+    return table[codes] * (block * tensors[f"{name}.weight_scale_2"].float())
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -72,12 +72,12 @@ _ATTENTION_PATTERNS = ("*.attn.*", "*.attention.*")
 
 @dataclass
 class ModelOptExport:
-    path: Path
-    adapter_name: str
-    algo: str
-    inputs: dict
-    bf16_output: torch.Tensor
-    fakequant_output: torch.Tensor
+    path: Path  # config.json (with quantization_config) + diffusion_pytorch_model.safetensors
+    adapter_name: str  # "qwen-image" | "flux" | "z-image"
+    algo: str  # one of ALGOS, also the exported quant_algo
+    inputs: dict  # forward kwargs (adapter.example_inputs) used for calibration and both outputs
+    bf16_output: torch.Tensor  # float32 copy of the unquantized BF16 model's output
+    fakequant_output: torch.Tensor  # float32 copy of ModelOpt's fake-quant output, as exported
 
 
 def fp4_fake_quant_block_cpu(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""The NVFP4 Hopper backend against the reference backend, on the same quantized weights (device)."""
+
+import pytest
+import torch
+
+from qdit.kernels import backend_by_name
+from qdit.kernels.nvfp4_hopper import SMALL_M
+from qdit.quant import numerics
+from qdit.quant.layer import QuantLinear
+from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+W4A16 = LayerQuant(Scheme.W4A16_NVFP4)
+W4A4 = LayerQuant(Scheme.NVFP4, ActivationScale.STATIC)
+SVD = LayerQuant(Scheme.NVFP4_SVD, ActivationScale.STATIC, pre_quant_scale=True, lora_rank=32)
+SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3584, 3072)]
+MS = [1, 7, SMALL_M, SMALL_M + 1, 333, 4096]
+
+
+def make_layer(lq, k, n, x, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
+    layer = QuantLinear("test", k, n, True, lq, torch.bfloat16)
+    for name, t in layer.method.quantize_weight(layer, w).items():
+        layer.set_tensor(name, t)
+    if lq.pre_quant_scale:  # a non-trivial smoothing vector (quantize_weight without calibration uses ones)
+        s = torch.rand(k, device="cuda", generator=gen) + 0.5
+        layer.set_tensor("pre_quant_scale", s)
+    layer.set_tensor("bias", torch.randn(n, device="cuda", generator=gen) * 0.1)
+    if lq.activation_scale is ActivationScale.STATIC:
+        xs = x * layer.tensor("pre_quant_scale") if lq.pre_quant_scale else x
+        layer.set_tensor("input_scale", numerics.nvfp4_global_scale(xs.abs().amax()))
+    return layer
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("lq", [W4A16, W4A4, SVD], ids=lambda lq: lq.describe())
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_matches_reference(lq, m, k, n):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    layer = make_layer(lq, k, n, x, seed=m + k + n)
+    fast, ref = backend_by_name("nvfp4-hopper"), backend_by_name("reference")
+    fast.prepare(layer)
+    y_fast, y_ref = fast.apply(layer, x), ref.apply(layer, x)
+    assert torch.isfinite(y_fast).all()
+    err = rel(y_fast, y_ref)
+    small = m <= SMALL_M
+    print(f"{lq.describe()} M={m} K={k} N={n} route={'w4a16' if small else 'w4a8'}: rel. error vs reference {err:.2e}")
+    if lq.scheme is Scheme.W4A16_NVFP4 and small:
+        assert err < 5e-3  # the exact NVFP4 weight, bf16 MMA: only accumulation order and output rounding
+    elif lq.scheme is Scheme.W4A16_NVFP4:
+        assert err < 6e-2  # FP8 activations and the FP8 re-scaling of the weight
+    else:
+        assert err < 0.2  # the reference quantizes activations to NVFP4 (W4A4); the backend does not
+
+
+@pytest.mark.parametrize("m", [SMALL_M + 1, 4096])
+def test_w4a8_at_least_as_close_to_bf16_as_w4a4(m):
+    """W4A8 (this backend) must not be worse than NVFP4's own W4A4 math against the unquantized layer."""
+    k, n = 3072, 3072
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    layer = make_layer(W4A4, k, n, x, seed=1)
+    dense = x.float() @ layer.method.dequantize(layer).t() + layer.bias.float()  # exact NVFP4 weight, BF16-free math
+    fast, ref = backend_by_name("nvfp4-hopper"), backend_by_name("reference")
+    fast.prepare(layer)
+    e_w4a8, e_w4a4 = rel(fast.apply(layer, x), dense), rel(ref.apply(layer, x), dense)
+    print(f"M={m}: error vs unquantized activations: W4A8 {e_w4a8:.3e}, W4A4 {e_w4a4:.3e}")
+    assert e_w4a8 <= e_w4a4
+
+
+def test_compiles_without_graph_break():
+    x = torch.randn(96, 256, device="cuda", dtype=torch.bfloat16)
+    layer = make_layer(SVD, 256, 512, x, seed=0)
+    layer.backend = backend_by_name("nvfp4-hopper")
+    layer.backend.prepare(layer)
+    block = torch.nn.Sequential(layer, torch.nn.GELU())
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x), atol=3e-2, rtol=3e-2)
+    small = x[:5]
+    torch.testing.assert_close(compiled(small), block(small), atol=3e-2, rtol=3e-2)
