@@ -31,54 +31,81 @@ SMALL_M = 64
 if triton is not None:
 
     @triton.jit
-    def _expand_fp8_kernel(w_ptr, bs_ptr, rf_ptr, lut_ptr, out_ptr, N, K,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_k[None, :] // 2, mask=mask, other=0)
-        code = (packed >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-        val = tl.load(lut_ptr + code.to(tl.int32))
-        scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_k[None, :] // 16, mask=mask, other=0.0).to(tl.float32)
-        rf = tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)
-        w = tl.clamp(val * scale * rf[:, None], -448.0, 448.0)
-        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv), mask=mask)
+    def _e2m1_value(code):
+        """Float value of 4-bit E2M1 codes, computed from the bits (no table lookup)."""
+        m = code & 7
+        e = (m >> 1).to(tl.int32)
+        normal = (2 + (m & 1)).to(tl.float32) * (1 << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
+        mag = tl.where(m < 2, m.to(tl.float32) * 0.5, normal)
+        return tl.where((code & 8) != 0, -mag, mag)
 
     @triton.jit
-    def _w4a16_kernel(x_ptr, w_ptr, bs_ptr, g_ptr, lut_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    def _e2m1_bf16(code):
+        """bf16 value of 4-bit E2M1 codes, assembled from bits: magnitudes 1..6 are 0x3F80 + (m-2)*64,
+        0.5 is 0x3F00, 0 is 0; bit 3 of the code becomes the sign bit."""
+        m = (code & 7).to(tl.int16)
+        bits = tl.where(m >= 2, 0x3F80 + ((m - 2) << 6), tl.where(m == 1, 0x3F00, 0))
+        bits = bits | ((code & 8).to(tl.int16) << 12)
+        return bits.to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _expand_fp8_kernel(w_ptr, bs_ptr, rf_ptr, out_ptr, N, K,
+                           BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program; every byte read once."""
+        pid_n, pid_b = tl.program_id(0), tl.program_id(1)
+        kb = K // 2
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        nmask = offs_n < N
+        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
+                         mask=nmask[:, None] & (offs_b[None, :] < kb), other=0)
+        offs_s = pid_b * (BLOCK_B // 8) + tl.arange(0, BLOCK_B // 8)  # one FP8 scale per 8 bytes (16 codes)
+        scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
+                        mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
+        scale = scale * tl.load(rf_ptr + offs_n, mask=nmask, other=0.0)[:, None]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)), (BLOCK_N, BLOCK_B))
+        lo = tl.clamp(_e2m1_value(packed & 0xF) * scale, -448.0, 448.0)
+        hi = tl.clamp(_e2m1_value(packed >> 4) * scale, -448.0, 448.0)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
+        offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
+                 mask=nmask[:, None] & (offs_k[None, :] < K))
+
+    @triton.jit
+    def _w4a16_kernel(x_ptr, w_ptr, bs_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Partial sums over one K slice: out[split, m, n] = sum_k x[m, k] * e2m1(code[n, k]) * bs[n, k/16].
+
+        Weight tiles are read row-major (coalesced bytes along K); even and odd K elements (low and
+        high nibbles) are multiplied against the even and odd columns of x.
+        """
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kb = K // 2
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = offs_m < M, offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            wmask = kmask[:, None] & (offs_n[None, :] < N)
-            packed = tl.load(w_ptr + offs_n[None, :] * (K // 2) + offs_k[:, None] // 2, mask=wmask, other=0)
-            code = (packed >> ((offs_k[:, None] % 2) * 4).to(tl.uint8)) & 0xF
-            val = tl.load(lut_ptr + code.to(tl.int32))
-            scale = tl.load(bs_ptr + offs_n[None, :] * (K // 16) + offs_k[:, None] // 16, mask=wmask,
-                            other=0.0).to(tl.float32)
+        b_start = pid_s * (K_PER_SPLIT // 2)
+        for b0 in range(b_start, b_start + K_PER_SPLIT // 2, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            bmask = offs_b < kb
+            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
+                             other=0)
+            offs_s = b0 // 8 + tl.arange(0, BLOCK_B // 8)
+            scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
+                            mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)),
+                               (BLOCK_N, BLOCK_B)).to(tl.bfloat16)
             # e2m1 (2 significant bits) x e4m3 (4 bits) fits bf16's 8-bit significand: exact.
-            acc += tl.dot(x.to(tl.bfloat16), (val * scale).to(tl.bfloat16))
-        acc = acc * tl.load(g_ptr)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-_LUTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _lut(device: torch.device) -> torch.Tensor:
-    if device not in _LUTS:
-        _LUTS[device] = numerics.e2m1_table(device)
-    return _LUTS[device]
+            w_lo = _e2m1_bf16(packed & 0xF) * scale
+            w_hi = _e2m1_bf16(packed >> 4) * scale
+            xmask = mmask[:, None] & bmask[None, :]
+            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=xmask, other=0.0)
+            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=xmask, other=0.0)
+            acc = tl.dot(x_lo.to(tl.bfloat16), tl.trans(w_lo), acc)
+            acc = tl.dot(x_hi.to(tl.bfloat16), tl.trans(w_hi), acc)
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=mmask[:, None] & nmask[None, :])
 
 
 @torch.library.custom_op("qdit::nvfp4_expand_fp8", mutates_args=())
@@ -86,9 +113,9 @@ def nvfp4_expand_fp8(weight: torch.Tensor, block_scale: torch.Tensor, row_factor
     """packed [N, K/2] + block scales [N, K/16] -> FP8 [N, K] = e4m3(e2m1 * block_scale * row_factor[n])."""
     n, k = weight.shape[0], weight.shape[1] * 2
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 256))
-    _expand_fp8_kernel[grid](weight, block_scale, row_factor, _lut(weight.device), out, n, k,
-                             BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    # Tiles from benchmarks/kernels/nvfp4_sweep.py on an H200 (about 1.3 TB/s on Qwen-Image's shapes).
+    grid = (triton.cdiv(n, 16), triton.cdiv(k // 2, 256))
+    _expand_fp8_kernel[grid](weight, block_scale, row_factor, out, n, k, BLOCK_N=16, BLOCK_B=256, num_warps=8)
     return out
 
 
@@ -100,16 +127,32 @@ def _(weight, block_scale, row_factor):
 @torch.library.custom_op("qdit::nvfp4_w4a16_gemm", mutates_args=())
 def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype."""
+    """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
-    _w4a16_kernel[grid](x, weight, block_scale, global_scale, _lut(x.device), bias if bias is not None else x, out,
-                        m, n, k, x.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4)
-    return out
+    return _w4a16(x, weight, block_scale, global_scale, bias, W4A16_TILES)
+
+
+W4A16_TILES = (16, 64, 64, 4, 4)  # BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM
+
+
+def _w4a16(x, weight, block_scale, global_scale, bias, tiles):
+    m, k = x.shape
+    n = weight.shape[0]
+    block_m, block_n, block_b, warps, per_sm = tiles
+    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits = max(1, min(k // (2 * block_b), triton.cdiv(per_sm * sms, count)))
+    k_per_split = triton.cdiv(k // (2 * block_b), splits) * 2 * block_b
+    splits = triton.cdiv(k, k_per_split)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    _w4a16_kernel[grid](x, weight, block_scale, partial, m, n, k, x.stride(0), k_per_split,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    out = partial.sum(0) * global_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 @nvfp4_w4a16_gemm.register_fake

@@ -106,9 +106,25 @@ class NVFP4Method(LinearMethod):
         return {"e4m3_nan_scale_bytes": count}
 
 
-def low_rank_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors (A [r,K], B [N,r]) of the best rank-r approximation B @ A of w (truncated SVD)."""
-    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+def low_rank_factors(w: torch.Tensor, rank: int, *, oversample: int = 16, power_iterations: int = 4,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (A [r,K], B [N,r]) with B @ A close to the best rank-r approximation of w.
+
+    A randomized SVD with power iterations (Halko, Martinsson, Tropp): a full SVD of every 3072 x 12288
+    weight of a 60-block model takes minutes, this takes seconds, and the subspace it finds differs
+    from the exact one far less than the NVFP4 rounding that follows. torch.svd_lowrank does the same
+    but draws from the global RNG; a seeded generator keeps load-time quantization reproducible.
+    """
+    w = w.float()
+    q = min(rank + oversample, *w.shape)
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    y = w @ torch.randn(w.shape[1], q, generator=gen, device=w.device)
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(y).Q
+        y = w @ (w.t() @ basis)
+    basis = torch.linalg.qr(y).Q
+    u_small, s, vh = torch.linalg.svd(basis.t() @ w, full_matrices=False)
+    u = basis @ u_small
     root = s[:rank].sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
 
