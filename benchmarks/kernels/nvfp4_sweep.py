@@ -1,6 +1,7 @@
 """Tile sweep of the NVFP4 kernels on the shapes of Qwen-Image's linears (prints a table)."""
 
 import itertools
+import sys
 
 import torch
 import triton
@@ -17,6 +18,8 @@ def rand_layer(n, k):
 
 
 def main():
+    if "--w4a16-only" in sys.argv:
+        return sweep_w4a16()
     print("expansion (GB/s counts bytes read + written)")
     for n, k in SHAPES:
         w, bs = rand_layer(n, k)
@@ -31,6 +34,10 @@ def main():
                 best = (t, bn, bb, nw)
         t, bn, bb, nw = best
         print(f"  N={n} K={k}: {t * 1e3:.1f} us, {n * k * 1.5 / t / 1e6:.0f} GB/s  (BLOCK_N={bn} BLOCK_B={bb} warps={nw})")
+    sweep_w4a16()
+
+
+def sweep_w4a16():
     print("W4A16 GEMM vs BF16 matmul (best tiles: BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM)")
     for (n, k), m in itertools.product(SHAPES, (1, 64)):
         w, bs = rand_layer(n, k)

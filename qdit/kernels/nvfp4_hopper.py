@@ -43,10 +43,10 @@ if triton is not None:
     def _e2m1_bf16(code):
         """bf16 value of 4-bit E2M1 codes, assembled from bits: magnitudes 1..6 are 0x3F80 + (m-2)*64,
         0.5 is 0x3F00, 0 is 0; bit 3 of the code becomes the sign bit."""
-        m = (code & 7).to(tl.int16)
+        m = (code & 7).to(tl.int32)
         bits = tl.where(m >= 2, 0x3F80 + ((m - 2) << 6), tl.where(m == 1, 0x3F00, 0))
-        bits = bits | ((code & 8).to(tl.int16) << 12)
-        return bits.to(tl.bfloat16, bitcast=True)
+        bits = bits | ((code & 8).to(tl.int32) << 12)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _expand_fp8_kernel(w_ptr, bs_ptr, rf_ptr, out_ptr, N, K,
