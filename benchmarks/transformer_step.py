@@ -157,11 +157,16 @@ def main() -> int:
             for m, b in fast.items():
                 m.backend = b
         if fmt in args.compile.split(","):
-            row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16",
-                                                   mode=args.compile_mode or None), 1)
-            row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
-            if args.cuda_graph:
-                row["compiled_graph_ms"] = round(graphed_step_ms(model, inputs, adapter, args.iters), 1)
+            # A stage that fails is recorded in the results (and the run goes on to the next format).
+            try:
+                row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16",
+                                                       mode=args.compile_mode or None), 1)
+                row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
+                if args.cuda_graph:
+                    row["compiled_graph_ms"] = round(graphed_step_ms(model, inputs, adapter, args.iters), 1)
+            except Exception as e:  # noqa: BLE001 - reported in the results file, not swallowed
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                print(f"{fmt}: {row['error']}", flush=True)
         if fmt in args.profile.split(","):
             profile(model, inputs, adapter, fmt)
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -198,7 +203,7 @@ def main() -> int:
         lines.append(f"| {r['format']} | {', '.join(f'{k}:{v}' for k, v in r['backends'].items()) or 'torch'} | "
                      f"{r['load_s']} | {r['weight_gb']} | {r.get('eager_ms', '')} | {r.get('compiled_ms', '')} | "
                      f"{r.get('compiled_graph_ms', '')} | {r.get('compile_s', '')} | {ratio} | {graph_ratio} | "
-                     f"{r.get('reference_forward_s', '')} | {r['peak_gb']} |")
+                     f"{r.get('reference_forward_s', '')} | {r['peak_gb']} |" + (f" error: {r['error']}" if "error" in r else ""))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
