@@ -1,8 +1,10 @@
 """qdit: run quantized diffusion transformers fast."""
 
 from qdit.api import inspect, load_transformer
+from qdit.config import QditConfig
+from qdit.pipelines.load import generate, load_pipeline
 from qdit.errors import BackendUnavailableError, CheckpointError, QditError, UnsupportedFormatError
 
-__all__ = ["BackendUnavailableError", "CheckpointError", "QditError", "UnsupportedFormatError", "inspect",
-           "load_transformer"]
+__all__ = ["BackendUnavailableError", "CheckpointError", "QditConfig", "QditError", "UnsupportedFormatError",
+           "generate", "inspect", "load_pipeline", "load_transformer"]
 __version__ = "0.1.0"

@@ -45,11 +45,53 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from qdit.tools.quantize import quantize_checkpoint
+    from qdit.tools.quantize import quantize_checkpoint, quantize_pipeline
 
-    dst = quantize_checkpoint(args.src, args.dst, args.format, device=args.device, calibration=args.calibration)
+    if args.pipeline:
+        dst = quantize_pipeline(args.src, args.dst, args.format, device=args.device)
+    else:
+        dst = quantize_checkpoint(args.src, args.dst, args.format, device=args.device, calibration=args.calibration)
     print(f"wrote {dst}")
     return 0
+
+
+def cmd_generate(args) -> int:
+    from qdit.config import QditConfig, resolve_config
+    from qdit.pipelines.load import check_writable, generate, load_pipeline, save_png
+
+    overrides = {"quantize": args.quantize, "backend": args.backend, "steps": args.steps, "guidance": args.guidance,
+                 "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
+                 "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
+                 "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None}
+    if args.model is None:
+        from qdit.pipelines.tiny import tiny_pipeline
+
+        model = tiny_pipeline("qwen-image")
+        # The embedded pipeline is tiny and random: small images, few steps, FP8 transformer by default.
+        base = QditConfig(quantize="fp8", steps=4, height=64, width=64)
+        print(f"no --model: using the embedded tiny Qwen-Image pipeline (random weights) at {model}")
+    else:
+        model, base = args.model, QditConfig()
+    config = resolve_config(args.config or base, overrides)
+    outputs = _output_paths(args.output, config.num_images)
+    for path in outputs:
+        check_writable(path)
+    pipe = load_pipeline(model, device=args.device, config=config)
+    result = generate(pipe, args.prompt, config=config)
+    for image, path in zip(result.images, outputs):
+        save_png(image, path, result.metadata)
+        print(f"wrote {path}")
+    peak = f"{result.peak_gpu_bytes / 2**30:.2f} GiB" if result.peak_gpu_bytes is not None else "n/a (CPU)"
+    print(f"{config.steps} steps in {result.seconds:.2f} s ({result.seconds_per_step:.3f} s/step), "
+          f"transformer {result.metadata['quantization']}, peak GPU memory {peak}")
+    return 0
+
+
+def _output_paths(output: str, count: int) -> list[str]:
+    if count == 1:
+        return [output]
+    stem, dot, ext = output.rpartition(".")
+    return [f"{stem}-{i}.{ext}" if dot else f"{output}-{i}" for i in range(count)]
 
 
 def cmd_demo(args) -> int:
@@ -101,7 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--calibration", default="synthetic", choices=["synthetic"],
                    help="inputs for static activation scales: 'synthetic' runs the model's example inputs")
+    p.add_argument("--pipeline", action="store_true",
+                   help="SRC is a pipeline folder: quantize its transformer, copy the other components")
     p.set_defaults(func=cmd_quantize)
+
+    from qdit.config import QUANTIZE_CHOICES
+
+    p = sub.add_parser("generate", help="text to image with a (quantized) diffusers pipeline")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded tiny pipeline)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--text-encoder-fp8", action="store_true")
+    p.add_argument("--vae-fp8", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--output", default="qdit.png")
+    p.set_defaults(func=cmd_generate)
 
     from qdit.models import ADAPTERS
 

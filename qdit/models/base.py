@@ -29,6 +29,9 @@ class ModelAdapter:
     example_inputs: Callable[..., dict[str, Any]]
     # Modules repeated along the depth of the model (compiled one by one when asked).
     block_lists: tuple[str, ...] = field(default=())
+    # The diffusers pipeline class and the name of its classifier-free-guidance argument.
+    pipeline_class: str = ""
+    guidance_argument: str = "guidance_scale"
 
     def model_class(self):
         import diffusers

@@ -57,5 +57,7 @@ ADAPTER = ModelAdapter(
         "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
     },
     example_inputs=example_inputs,
+    pipeline_class="FluxPipeline",
+    guidance_argument="guidance_scale",
     block_lists=("transformer_blocks", "single_transformer_blocks"),
 )

@@ -55,5 +55,7 @@ ADAPTER = ModelAdapter(
         "axes_dims_rope": [16, 56, 56], "guidance_embeds": False,
     },
     example_inputs=example_inputs,
+    pipeline_class="QwenImagePipeline",
+    guidance_argument="true_cfg_scale",
     block_lists=("transformer_blocks",),
 )

@@ -44,5 +44,7 @@ ADAPTER = ModelAdapter(
         "axes_lens": [1536, 512, 512],
     },
     example_inputs=example_inputs,
+    pipeline_class="ZImagePipeline",
+    guidance_argument="guidance_scale",
     block_lists=("layers", "noise_refiner", "context_refiner"),
 )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from qdit.api import load_transformer
+from qdit.errors import CheckpointError, QditError
 from qdit.formats.checkpoint import open_checkpoint
 from qdit.models import adapter_for_class
 from qdit.quant.calibration import calibrate_static_input_scales
@@ -36,3 +38,22 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fmt: str
     with torch.no_grad():
         calibrate_static_input_scales(model, lambda m, inputs: m(**inputs), calibration_inputs)
     return save_modelopt_export(model, dst)
+
+
+def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *, device: str = "cpu") -> Path:
+    """A whole pipeline folder: the transformer quantized (ModelOpt export layout), the rest copied."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "model_index.json").is_file():
+        raise CheckpointError("not a diffusers pipeline folder: model_index.json is missing", file=str(src),
+                              hint="use `qdit quantize SRC DST` (without --pipeline) for a transformer folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise QditError(f"{dst} exists and is not empty; choose a new output folder")
+    quantize_checkpoint(src / "transformer", dst / "transformer", fmt, device=device)
+    for entry in src.iterdir():
+        if entry.name == "transformer":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+    return dst
