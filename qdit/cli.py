@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="qdit.png")
     p.set_defaults(func=cmd_generate)
 
+    from qdit import bench
+
+    p = sub.add_parser("bench", help="time a full-size transformer step per format against diffusers BF16 (GPU)")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
     from qdit.models import ADAPTERS
 
     p = sub.add_parser("demo", help="quantize the embedded tiny transformer at load and compare with BF16")

@@ -1,9 +1,10 @@
-"""One denoising step of a full-size DiT (random weights) on the GPU: qdit formats side by side with
-diffusers BF16 (eager and compiled), all in one run, plus load time and weight memory per format.
+"""`qdit bench`: one denoising step of a full-size DiT (random weights) on the GPU, qdit's formats side
+by side with diffusers BF16 (eager and compiled) in one run, plus load time and weight memory.
 
-    python benchmarks/transformer_step.py --model qwen-image --out benchmarks/results
+    qdit bench --model qwen-image --batches 1,2 --resolutions 1024,1328 --out benchmarks/results
 
-Writes <out>/<model>-<height>-b<batch>.json and .md, naming the GPU, versions and command.
+Writes <out>/<model>-<H>x<W>-b<batch>.json and .md per (batch, resolution), naming the GPU, versions
+and command. Peers: diffusers' own BF16 model (eager, compiled blocks, compiled + one CUDA graph).
 """
 
 from __future__ import annotations
@@ -102,24 +103,35 @@ def profile(model, inputs, adapter, label: str) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen-image")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--resolutions", default="1024", help="comma-separated square sizes, e.g. 1024,1328")
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,2,4")
     parser.add_argument("--text-tokens", type=int, default=256)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--formats", default="bf16,fp8,fp8_per_channel,nvfp4")
-    parser.add_argument("--compile", default="bf16,fp8,fp8_per_channel", help="formats also timed compiled")
-    parser.add_argument("--reference-forward", default="fp8,nvfp4",
+    parser.add_argument("--formats", default="bf16,fp8,fp8_static,fp8_per_channel,nvfp4,nvfp4_svd,w4a16_nvfp4",
+                        help="bf16 = diffusers' own model; <fmt>_static = quantized at load, then activation "
+                             "scales calibrated on the step's inputs (a ModelOpt export's layout)")
+    parser.add_argument("--compile", default="all", help="formats also timed compiled ('all' or a list)")
+    parser.add_argument("--reference-forward", default="",
                         help="formats whose reference-backend forward is timed once (smoke test)")
     parser.add_argument("--compile-mode", default="", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time compiled steps replayed as one CUDA graph")
     parser.add_argument("--profile", default="", help="formats whose compiled step is profiled (kernel table)")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
 
+
+def run(args) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("qdit bench needs a CUDA GPU")
+    for size in (int(s) for s in args.resolutions.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            run_one(args, size, size, batch)
+    return 0
+
+
+def run_one(args, height: int, width: int, batch: int) -> None:
+    args = argparse.Namespace(**{**vars(args), "height": height, "width": width, "batch": batch})
     adapter = adapter_by_name(args.model)
     device = torch.device("cuda")
     rows = []
@@ -156,7 +168,7 @@ def main() -> int:
             row["reference_output_finite"] = bool(torch.isfinite(out).all())
             for m, b in fast.items():
                 m.backend = b
-        if fmt in args.compile.split(","):
+        if args.compile == "all" or fmt in args.compile.split(","):
             # A stage that fails is recorded in the results (and the run goes on to the next format).
             try:
                 row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16",
@@ -178,7 +190,7 @@ def main() -> int:
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "qdit": qdit.__version__,
         "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
-        "command": "python " + " ".join(sys.argv), "model": args.model, "height": args.height, "width": args.width,
+        "command": "qdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("qdit") else " ".join(sys.argv), "model": args.model, "height": args.height, "width": args.width,
         "batch": args.batch, "text_tokens": args.text_tokens, "compile_mode": args.compile_mode or "default", "weights": "random (seeded), full-size config",
     }
     out = Path(args.out)
@@ -206,8 +218,3 @@ def main() -> int:
                      f"{r.get('reference_forward_s', '')} | {r['peak_gb']} |" + (f" error: {r['error']}" if "error" in r else ""))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
