@@ -97,9 +97,9 @@ def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None 
     if cfg.text_encoder_fp8:
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(pipe, name, None) is not None:
-                converted[name] = apply_fp8_weight_storage(getattr(pipe, name), compute_dtype=cfg.torch_dtype)
+                converted[name] = apply_fp8_weight_storage(getattr(pipe, name))
     if cfg.vae_fp8:
-        converted["vae"] = apply_fp8_weight_storage(pipe.vae, compute_dtype=cfg.torch_dtype)
+        converted["vae"] = apply_fp8_weight_storage(pipe.vae)
     if converted:
         log.info("FP8 weight storage: %s", ", ".join(f"{k}: {v} layers" for k, v in converted.items()))
     if cfg.compile:
