@@ -91,7 +91,7 @@ def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None 
     if pipeline_cls is None:
         raise CheckpointError("model_index.json names a pipeline class diffusers does not have",
                               file=str(folder / "model_index.json"), found=str(index.get("_class_name")))
-    pipe = pipeline_cls.from_pretrained(folder, transformer=transformer, torch_dtype=cfg.torch_dtype)
+    pipe = pipeline_cls.from_pretrained(folder, transformer=transformer, dtype=cfg.torch_dtype)
     pipe.to(device)
     converted = {}
     if cfg.text_encoder_fp8:
