@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from qdit.quant.numerics import E4M3_MAX, to_e4m3
+from qdit.quant.storage import apply_keeping_dtypes
 
 log = logging.getLogger("qdit.pipelines")
 
@@ -50,9 +51,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 _TARGETS = (nn.Linear, nn.Conv2d, nn.Conv3d)
 _SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-# Integer dtypes of the same element size: what the FP8 buffers look like while `_apply` runs, so
-# that dtype conversions (which only touch floating tensors) leave them alone.
-_CARRIERS = {"weight_fp8": torch.uint8, "weight_scale": torch.int32}
+# Buffers that dtype conversions must leave alone (see qdit.quant.storage).
+_CARRIERS = ("weight_fp8", "weight_scale")
 
 
 class FP8StorageLayer:
@@ -78,19 +78,7 @@ class FP8StorageLayer:
         return self.dequantize()
 
     def _apply(self, fn, recurse=True):
-        originals = {name: self._buffers[name] for name in _CARRIERS}
-        for name, carrier in _CARRIERS.items():
-            self._buffers[name] = originals[name].view(carrier)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, carrier in _CARRIERS.items():
-                applied = self._buffers[name]
-                if applied.dtype == carrier:
-                    self._buffers[name] = applied.view(originals[name].dtype)
-                else:
-                    # fn converted integer tensors too (Module.type()): keep the stored values, follow the device.
-                    self._buffers[name] = originals[name].to(device=applied.device)
+        apply_keeping_dtypes(self, super()._apply, fn, recurse, _CARRIERS)
         # The compute dtype follows what fn does to a floating tensor (the bias, or an empty probe).
         bias = self._parameters.get("bias")
         new_dtype = bias.dtype if bias is not None else fn(torch.empty(0, dtype=self.fp8_compute_dtype)).dtype

@@ -296,6 +296,14 @@ def tiny_components(model: str, *, seed: int = 0) -> dict[str, Any]:
     return _BUILDERS[model][1](seed, random_model(model, seed=seed))
 
 
+def components_around(model: str, transformer, *, seed: int = 0) -> dict[str, Any]:
+    """Tiny text encoder, tokenizer, VAE and scheduler sized to fit a given transformer (e.g. a full-size
+    random-weight one: the text encoder's width follows the transformer's text dimension)."""
+    if model not in _BUILDERS:
+        raise UnsupportedFormatError(f"unknown model {model!r}", expected=", ".join(_BUILDERS), found=model)
+    return _BUILDERS[model][1](seed, transformer)
+
+
 def pipeline_class(model: str):
     """The diffusers pipeline class of `model`."""
     import diffusers

@@ -8,6 +8,9 @@ from torch import nn
 from qdit.quant.method import LinearMethod
 from qdit.quant.methods import method_for
 from qdit.quant.scheme import LayerQuant
+from qdit.quant.storage import apply_keeping_dtypes
+
+_STORED_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float32)
 
 
 class QuantLinear(nn.Module):
@@ -55,6 +58,12 @@ class QuantLinear(nn.Module):
         if "weight" not in self._buffers:
             raise AttributeError("weight")
         return self.method.dequantize(self).to(self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Quantized data and scales keep their dtypes under module.to(dtype); they still move devices.
+        kept = [n for n, b in self._buffers.items() if b is not None and b.dtype in _STORED_DTYPES]
+        apply_keeping_dtypes(self, super()._apply, fn, recurse, kept)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
