@@ -86,18 +86,23 @@ def _(x, scale):
     return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
 
 
+def fp8_gpu_verdict(device: torch.device) -> Verdict:
+    """Whether a device can run Triton kernels and FP8 tensor-core GEMMs (Ada, Hopper, Blackwell)."""
+    if device.type != "cuda":
+        return Verdict(False, f"needs a CUDA device, the model is on {device.type}")
+    if triton is None:
+        return Verdict(False, "Triton is not installed")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return Verdict(False, f"FP8 tensor cores need compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
+    return YES
+
+
 class FP8ScaledMMBackend:
     name = "fp8-scaled-mm"
 
     def supports_device(self, device: torch.device) -> Verdict:
-        if device.type != "cuda":
-            return Verdict(False, f"needs a CUDA device, the model is on {device.type}")
-        if triton is None:
-            return Verdict(False, "Triton is not installed")
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            return Verdict(False, f"FP8 tensor cores need compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
-        return YES
+        return fp8_gpu_verdict(device)
 
     def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
         if layer_quant.scheme not in (Scheme.FP8, Scheme.FP8_PER_CHANNEL):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_quant_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -128,8 +128,6 @@ def _(weight, block_scale, row_factor):
 def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
-    m, k = x.shape
-    n = weight.shape[0]
     return _w4a16(x, weight, block_scale, global_scale, bias, W4A16_TILES)
 
 
@@ -164,15 +162,7 @@ class NVFP4HopperBackend:
     name = "nvfp4-hopper"
 
     def supports_device(self, device: torch.device) -> Verdict:
-        if device.type != "cuda":
-            return Verdict(False, f"needs a CUDA device, the model is on {device.type}")
-        if triton is None:
-            return Verdict(False, "Triton is not installed")
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            return Verdict(False, f"its W4A8 route needs FP8 tensor cores (compute capability >= 8.9), "
-                                  f"this GPU has {cap[0]}.{cap[1]}")
-        return YES
+        return fp8_gpu_verdict(device)  # the W4A8 route uses FP8 tensor cores
 
     def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
         if layer_quant.scheme not in (Scheme.NVFP4, Scheme.W4A16_NVFP4, Scheme.NVFP4_SVD):

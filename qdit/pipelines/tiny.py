@@ -20,7 +20,6 @@ float32 activations to the BF16 transformer, which fails.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
