@@ -21,6 +21,7 @@ import torch
 
 import qdit
 from qdit.api import random_transformer
+from qdit.compile import compile_blocks
 from qdit.kernels import backend_by_name
 from qdit.models import adapter_by_name
 from qdit.quant.calibration import calibrate_static_input_scales
@@ -76,14 +77,8 @@ def graphed_step_ms(model, inputs, adapter, iters: int) -> float:
     return times[len(times) // 2]
 
 
-def compile_blocks(model, adapter, fullgraph: bool, mode: str | None) -> None:
-    for attr in adapter.block_lists:
-        for block in getattr(model, attr):
-            block.compile(fullgraph=fullgraph, mode=mode)
-
-
 def timed_compile(model, inputs, adapter, fullgraph: bool, mode: str | None) -> float:
-    compile_blocks(model, adapter, fullgraph, mode)
+    compile_blocks(model, fullgraph=fullgraph, mode=mode)
     start = time.perf_counter()
     with torch.no_grad():
         adapter.output_tensor(model(**inputs))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qdit.api import load_transformer
+from qdit.compile import compile_blocks
 from qdit.config import QditConfig, resolve_config
 from qdit.errors import CheckpointError, QditError
 from qdit.formats import detect
@@ -56,17 +57,6 @@ def _transformer_quantize(config: QditConfig, folder: Path) -> str | None:
                             f"({fmt.name} {fmt.quant_algo}); use quantize=auto to run it as it is")
         return None
     return config.quantize  # load_transformer refuses to quantize an already-quantized checkpoint
-
-
-def compile_blocks(transformer: torch.nn.Module) -> float:
-    """torch.compile every repeated block (fullgraph); returns the seconds spent wrapping (compilation
-    itself happens on the first call and is reported by generate as first-step time)."""
-    adapter = adapter_for_class(type(transformer).__name__, source=type(transformer).__name__)
-    start = time.perf_counter()
-    for attr in adapter.block_lists:
-        for block in getattr(transformer, attr):
-            block.compile(fullgraph=True)
-    return time.perf_counter() - start
 
 
 def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None = None,
