@@ -23,10 +23,19 @@ _E2M1_THRESHOLDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIES_ROUNDING_UP = (0.75, 1.75, 3.5)
 
 
+_E2M1_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 value of each of the 16 nibble codes."""
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
+    """float32 value of each of the 16 nibble codes (made once per device: a host-to-device copy on
+    every call would break CUDA-graph capture of code that dequantizes, e.g. `QuantLinear.weight`)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _E2M1_TABLES:
+        mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+        _E2M1_TABLES[device] = torch.cat([mags, -mags])
+    return _E2M1_TABLES[device]
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
