@@ -5,6 +5,7 @@ One module per producer; detection reads the checkpoint's own config, never its 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from qdit.formats import modelopt
 from qdit.formats.checkpoint import Checkpoint, open_checkpoint
 from qdit.models.base import ModelAdapter
 from qdit.quant.scheme import UNQUANTIZED, LayerQuant, Scheme, default_layer_quant
+
+log = logging.getLogger("qdit.formats")
 
 # Formats qdit can quantize a BF16 checkpoint into while loading it.
 LOAD_TIME_FORMATS = {
@@ -61,9 +64,18 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         config: dict[str, Any] = dict(ckpt.config)
         target = default_layer_quant(scheme, static=False, lora_rank=lora_rank)
         plan = {}
+        odd = []
         for name, (k, n, _) in linears.items():
-            excluded = adapter.is_excluded_by_default(name, config) or k % 16 or n % 16
-            plan[name] = UNQUANTIZED if excluded else target
+            if adapter.is_excluded_by_default(name, config):
+                plan[name] = UNQUANTIZED
+            elif k % 16 or n % 16:  # NVFP4 blocks and FP8 GEMMs need multiples of 16
+                plan[name] = UNQUANTIZED
+                odd.append(f"{name} ({k}->{n})")
+            else:
+                plan[name] = target
+        if odd:
+            log.warning("%d Linear(s) stay BF16 because their dimensions are not multiples of 16: %s",
+                        len(odd), ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else ""))
         return plan
     if fmt.modelopt is not None:
         return modelopt.plan_layers(fmt.modelopt, ckpt, linears)

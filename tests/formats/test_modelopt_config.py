@@ -350,3 +350,17 @@ def test_mixed_precision_entry_that_is_not_an_object(flux_fp8, ckpt_variant):
         qdit.load_transformer(folder)
     assert exc.value.file == str(folder / "config.json")
     assert exc.value.layer == "transformer_blocks.0.attn.to_q"
+
+
+def test_load_time_quantization_logs_layers_kept_for_odd_dimensions(caplog):
+    import logging
+
+    from qdit.api import random_transformer
+    from qdit.models import adapter_by_name
+
+    config = dict(adapter_by_name("z-image").tiny_config, dim=64, n_heads=2, n_kv_heads=2)  # FFN width 170
+    with caplog.at_level(logging.WARNING, logger="qdit.formats"):
+        model = random_transformer("z-image", config=config, quantize="fp8")
+    records = [r for r in caplog.records if "not multiples of 16" in r.getMessage()]
+    assert len(records) == 1 and "170" in records[0].getMessage()
+    assert model.qdit_plan["layers.0.feed_forward.w2"].quantized is False

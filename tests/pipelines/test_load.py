@@ -125,3 +125,9 @@ def test_cli_generate_embedded_default(tmp_path, monkeypatch, capsys):
     assert image.text["prompt"] == "a blue square" and image.text["quantization"].startswith("fp8")
     assert "s/step" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "nope" / "a.png")]) == 2
+
+
+def test_compile_option_wraps_every_repeated_block(folders):
+    pipe = qdit.load_pipeline(folders["flux"], device="cpu", quantize="fp8", compile=True)
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
