@@ -4,7 +4,8 @@ from qdit.api import inspect, load_transformer
 from qdit.config import QditConfig
 from qdit.pipelines.load import generate, load_pipeline
 from qdit.errors import BackendUnavailableError, CheckpointError, QditError, UnsupportedFormatError
+from qdit.formats.nunchaku import convert_nunchaku_tensors
 
 __all__ = ["BackendUnavailableError", "CheckpointError", "QditConfig", "QditError", "UnsupportedFormatError",
-           "generate", "inspect", "load_pipeline", "load_transformer"]
+           "convert_nunchaku_tensors", "generate", "inspect", "load_pipeline", "load_transformer"]
 __version__ = "0.1.0"

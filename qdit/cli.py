@@ -55,6 +55,14 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_convert_nunchaku(args) -> int:
+    from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint
+
+    dst = convert_nunchaku_checkpoint(args.src, args.dst)
+    print(f"wrote {dst}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from qdit.config import QditConfig, resolve_config
     from qdit.pipelines.load import check_writable, generate, load_pipeline, save_png
@@ -146,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", action="store_true",
                    help="SRC is a pipeline folder: quantize its transformer, copy the other components")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("convert", help="convert another producer's checkpoint to a qdit-readable folder")
+    source = p.add_subparsers(dest="source", required=True)
+    p = source.add_parser("nunchaku", help="a merged Nunchaku SVDQuant file -> diffusers folder, canonical layout")
+    p.add_argument("src", help="the svdq-{int4|fp4}_r*-<model>.safetensors file")
+    p.add_argument("dst", help="output transformer folder (new or empty)")
+    p.set_defaults(func=cmd_convert_nunchaku)
 
     from qdit.config import QUANTIZE_CHOICES
 

@@ -39,6 +39,12 @@ def detect(ckpt: Checkpoint) -> DetectedFormat:
     if found is None:
         return DetectedFormat("bf16", None)
     raw, source = found
+    if raw.get("quant_method") == "svdquant":
+        raise UnsupportedFormatError(
+            "this is a Nunchaku SVDQuant checkpoint in qdit's canonical layout (made by `qdit convert nunchaku`); "
+            "qdit can convert and inspect-by-file such checkpoints but cannot load them yet", file=source,
+            found=f"quant_method='svdquant', precision={raw.get('precision')!r}",
+            hint="loading converted Nunchaku checkpoints is tracked in the Nunchaku issue")
     cfg = modelopt.parse_modelopt_config(raw, source)
     if cfg is None:
         raise UnsupportedFormatError(
