@@ -32,9 +32,11 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))
     fmt = formats.detect(ckpt)
     skeleton = build_skeleton(adapter, ckpt.config, dtype)
-    plan = formats.plan_for(ckpt, fmt, adapter, linear_layers(skeleton), quantize)
+    linears = linear_layers(skeleton)
+    source = formats.loading_source(ckpt, fmt, linears)
+    plan = formats.plan_for(source, fmt, adapter, linears, quantize)
     del skeleton
-    model, report = load_into(adapter, ckpt, plan, dtype=dtype, device=device, backend=backend,
+    model, report = load_into(adapter, source, plan, dtype=dtype, device=device, backend=backend,
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
              f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
@@ -73,7 +75,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     fmt = formats.detect(ckpt)
     skeleton = build_skeleton(adapter, ckpt.config, torch.bfloat16)
     linears = linear_layers(skeleton)
-    plan = formats.plan_for(ckpt, fmt, adapter, linears, None)
+    plan = formats.plan_for(formats.loading_source(ckpt, fmt, linears), fmt, adapter, linears, None)
     bytes_by_dtype: dict[str, int] = defaultdict(int)
     elements = 0
     for info in ckpt.tensors.values():

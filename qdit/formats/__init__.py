@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qdit.errors import QditError, UnsupportedFormatError
-from qdit.formats import modelopt
+from qdit.formats import modelopt, svdquant
 from qdit.formats.checkpoint import Checkpoint, open_checkpoint
 from qdit.models.base import ModelAdapter
 from qdit.quant.scheme import UNQUANTIZED, LayerQuant, Scheme, default_layer_quant
@@ -29,9 +29,18 @@ LOAD_TIME_FORMATS = {
 
 @dataclass
 class DetectedFormat:
-    name: str  # "modelopt" or "bf16"
+    name: str  # "modelopt", "nunchaku-svdquant" (quant_algo = its precision) or "bf16"
     quant_algo: str | None
     modelopt: modelopt.ModelOptConfig | None = None
+    svdquant: svdquant.SVDQuantConfig | None = None
+
+
+def loading_source(ckpt: Checkpoint, fmt: DetectedFormat, linears: dict[str, tuple[int, int, bool]]):
+    """What the loader streams: the checkpoint itself, or a view mapping its tensors onto diffusers' Linears
+    (converted Nunchaku checkpoints: fused linears split into their parts)."""
+    if fmt.svdquant is not None:
+        return svdquant.SplitFusedCheckpoint(ckpt, fmt.svdquant, linears)
+    return ckpt
 
 
 def detect(ckpt: Checkpoint) -> DetectedFormat:
@@ -39,12 +48,9 @@ def detect(ckpt: Checkpoint) -> DetectedFormat:
     if found is None:
         return DetectedFormat("bf16", None)
     raw, source = found
-    if raw.get("quant_method") == "svdquant":
-        raise UnsupportedFormatError(
-            "this is a Nunchaku SVDQuant checkpoint in qdit's canonical layout (made by `qdit convert nunchaku`); "
-            "qdit can convert and inspect-by-file such checkpoints but cannot load them yet", file=source,
-            found=f"quant_method='svdquant', precision={raw.get('precision')!r}",
-            hint="loading converted Nunchaku checkpoints is tracked in the Nunchaku issue")
+    if svdquant.is_svdquant(raw):
+        cfg = svdquant.parse_config(raw, source)
+        return DetectedFormat(svdquant.FORMAT_NAME, cfg.precision, svdquant=cfg)
     cfg = modelopt.parse_modelopt_config(raw, source)
     if cfg is None:
         raise UnsupportedFormatError(
@@ -83,9 +89,14 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
             log.warning("%d Linear(s) stay BF16 because their dimensions are not multiples of 16: %s",
                         len(odd), ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else ""))
         return plan
+    if fmt.svdquant is not None:
+        if not isinstance(ckpt, svdquant.SplitFusedCheckpoint):
+            ckpt = svdquant.SplitFusedCheckpoint(ckpt, fmt.svdquant, linears)
+        return svdquant.plan_layers(fmt.svdquant, ckpt, linears)
     if fmt.modelopt is not None:
         return modelopt.plan_layers(fmt.modelopt, ckpt, linears)
     return {name: UNQUANTIZED for name in linears}
 
 
-__all__ = ["Checkpoint", "DetectedFormat", "LOAD_TIME_FORMATS", "detect", "open_checkpoint", "plan_for"]
+__all__ = ["Checkpoint", "DetectedFormat", "LOAD_TIME_FORMATS", "detect", "loading_source", "open_checkpoint",
+           "plan_for"]

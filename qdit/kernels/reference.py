@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.registry import YES, Verdict
-from qdit.quant import numerics
+from qdit.quant import numerics, svdquant
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
 
@@ -65,6 +65,10 @@ class ReferenceBackend:
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         scheme = layer.layer_quant.scheme
+        if scheme in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4, Scheme.AWQ_W4A16):  # bias added inside
+            fwd = svdquant.awq_reference_forward if scheme is Scheme.AWQ_W4A16 else svdquant.svdq_reference_forward
+            y = fwd(layer, x2d)
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
         if scheme is Scheme.FP8:
             y = _fp8_per_tensor(layer, x2d)
         elif scheme is Scheme.FP8_PER_CHANNEL:

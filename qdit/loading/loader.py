@@ -22,7 +22,7 @@ from qdit.errors import CheckpointError
 from qdit.formats.checkpoint import Checkpoint
 from qdit.kernels import BackendSelector
 from qdit.models.base import ModelAdapter
-from qdit.quant.layer import QuantLinear
+from qdit.quant.layer import QuantLinear, SplitKLinear
 from qdit.quant.scheme import LayerQuant
 
 log = logging.getLogger("qdit.loading")
@@ -61,9 +61,25 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
 
 
 def install_quant_layers(model: nn.Module, plan: dict[str, LayerQuant], dtype: torch.dtype) -> None:
-    """Swap each quantized Linear for a QuantLinear (still on the meta device)."""
+    """Swap each quantized Linear for a QuantLinear (still on the meta device).
+
+    Plan entries with a k_slice are parts `<linear>.linears.<i>` of a Linear split along its inputs:
+    the Linear becomes a SplitKLinear of them.
+    """
+    split: dict[str, list[tuple[int, LayerQuant]]] = defaultdict(list)
     for name, lq in plan.items():
-        if not lq.quantized:
+        if lq.k_slice is not None:
+            parent, _, index = name.rpartition(".linears.")
+            split[parent].append((int(index), lq))
+    for parent_path, parts in split.items():
+        parent_name, _, child = parent_path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        parts.sort(key=lambda p: p[0])
+        setattr(parent, child, SplitKLinear(parent_path, old.in_features, old.out_features,
+                                            [(lq, old.bias is not None) for _, lq in parts], dtype))
+    for name, lq in plan.items():
+        if not lq.quantized or lq.k_slice is not None:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

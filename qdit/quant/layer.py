@@ -74,3 +74,36 @@ class QuantLinear(nn.Module):
         backend = self.backend.name if self.backend is not None else "none"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.layer_quant.describe()}, backend={backend}")
+
+
+class SplitKLinear(nn.Module):
+    """A Linear computed as the sum of QuantLinears over consecutive slices of its input features.
+
+    FLUX single blocks' proj_out in Nunchaku checkpoints is two SVDQuant linears, one over the attention
+    output and one over the MLP output (each with its own smoothing and activation quantization); its
+    output is the sum of theirs. The parts are `linears.0`, `linears.1`, ... (the checkpoint's names).
+    """
+
+    def __init__(self, name: str, in_features: int, out_features: int, parts: list[tuple[LayerQuant, bool]],
+                 dtype: torch.dtype):
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.slices = [lq.k_slice for lq, _ in parts]
+        if self.slices[0][0] != 0 or self.slices[-1][1] != in_features or any(
+                a[1] != b[0] for a, b in zip(self.slices, self.slices[1:])):
+            raise ValueError(f"{name}: input slices {self.slices} do not tile 0..{in_features}")
+        self.linears = nn.ModuleList(
+            QuantLinear(f"{name}.linears.{i}", stop - start, out_features, bias, lq, dtype)
+            for i, ((lq, bias), (start, stop)) in enumerate(zip(parts, self.slices)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for layer, (start, stop) in zip(self.linears, self.slices):
+            part = layer(x[..., start:stop])
+            y = part if y is None else y + part
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, slices={self.slices}"

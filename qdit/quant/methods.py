@@ -135,6 +135,10 @@ def method_for(layer_quant: LayerQuant, in_features: int, out_features: int, bia
         raise ValueError("unquantized layers stay torch.nn.Linear; they have no LinearMethod")
     if scheme in (Scheme.FP8, Scheme.FP8_PER_CHANNEL):
         cls = FP8Method
+    elif scheme in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4):
+        from qdit.quant.svdquant import SVDQuantMethod as cls
+    elif scheme is Scheme.AWQ_W4A16:
+        from qdit.quant.svdquant import AWQW4A16Method as cls
     else:
         cls = NVFP4Method
     return cls(layer_quant, in_features, out_features, bias)

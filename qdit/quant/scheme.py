@@ -13,6 +13,10 @@ class Scheme(str, Enum):
     NVFP4 = "nvfp4"  # NVFP4 weight and activations (W4A4)
     W4A16_NVFP4 = "w4a16_nvfp4"  # NVFP4 weight, activations in model dtype
     NVFP4_SVD = "nvfp4_svd"  # NVFP4 W4A4 residual + BF16 low-rank branch + smoothing
+    # Nunchaku SVDQuant checkpoints in qdit's canonical layout (docs/nunchaku.md)
+    SVDQ_INT4 = "svdq_int4"  # INT4 W4A4, per-64 group scales, smoothing divisor, low-rank on the raw input
+    SVDQ_NVFP4 = "svdq_nvfp4"  # NVFP4 W4A4, per-16 E4M3 group scales, no per-tensor activation scale
+    AWQ_W4A16 = "awq_w4a16"  # unsigned 4-bit weight with per-64 scales and zeros, activations unquantized
 
 
 class ActivationScale(str, Enum):
@@ -32,7 +36,15 @@ class LayerQuant:
     scheme: Scheme
     activation_scale: ActivationScale = ActivationScale.NONE
     pre_quant_scale: bool = False  # NVFP4 family: input multiplied by a per-channel vector first
-    lora_rank: int = 0  # NVFP4_SVD: rank of the BF16 low-rank branch
+    lora_rank: int = 0  # NVFP4_SVD / SVDQ_*: rank of the low-rank branch
+    # SVDQ_*: which optional per-tensor (wtscale) / per-row (wcscales) weight scales the layer stores,
+    # and whether its input is a GELU output quantized shifted and unsigned (INT4 only).
+    wtscale: bool = False
+    wcscales: bool = False
+    gelu_shift: bool = False
+    # A part of a diffusers Linear split along its inputs (FLUX single blocks' proj_out in Nunchaku
+    # checkpoints): this layer reads inputs [start, stop) of its parent; the parent sums its parts.
+    k_slice: tuple[int, int] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -46,6 +58,10 @@ class LayerQuant:
             parts.append("smoothed")
         if self.lora_rank:
             parts.append(f"r{self.lora_rank}")
+        if self.gelu_shift:
+            parts.append("gelu-shift")
+        if self.k_slice is not None:
+            parts.append(f"k{self.k_slice[0]}:{self.k_slice[1]}")
         return "+".join(parts)
 
 
