@@ -69,7 +69,15 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
 
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
-    """Format, quant_algo, scheme per Linear, excluded layers, bytes by dtype and parameter counts."""
+    """Format, quant_algo, scheme per Linear, excluded layers, bytes by dtype and parameter counts.
+
+    A single .safetensors file is read as a merged Nunchaku checkpoint (its header metadata says so,
+    or the error says what was found instead).
+    """
+    if os.path.isfile(path):
+        from qdit.tools.convert_nunchaku import inspect_nunchaku_file
+
+        return inspect_nunchaku_file(path)
     ckpt = open_checkpoint(path)
     adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))
     fmt = formats.detect(ckpt)

@@ -33,7 +33,10 @@ def cmd_inspect(args) -> int:
     print(f"  format       {info['format']}" + (f" / {info['quant_algo']}" if info["quant_algo"] else ""))
     if info["producer"]:
         print(f"  producer     {info['producer'].get('name')} {info['producer'].get('version')}")
-    print(f"  parameters   {info['parameter_count']:,} ({info['stored_elements']:,} stored elements)")
+    if info["parameter_count"] is not None:
+        print(f"  parameters   {info['parameter_count']:,} ({info['stored_elements']:,} stored elements)")
+    else:
+        print(f"  stored       {info['stored_elements']:,} elements")
     print(f"  size         {_format_bytes(info['total_bytes'])}: " +
           ", ".join(f"{k} {_format_bytes(v)}" for k, v in sorted(info["bytes_by_dtype"].items())))
     print("  Linear layers by scheme: " + ", ".join(f"{k} {v}" for k, v in sorted(info["scheme_counts"].items())))

@@ -139,3 +139,48 @@ def convert_nunchaku_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) 
     save_file(converted, str(dst / SAFETENSORS), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return dst
+
+
+def inspect_nunchaku_file(src: str | os.PathLike) -> dict[str, Any]:
+    """What `qdit.inspect` reports for a merged Nunchaku file, from its header alone (no tensor is read)."""
+    src = Path(src)
+    tensors, metadata = read_safetensors_header(src)
+    qc = _json_field(metadata, "quantization_config", src)
+    config = _json_field(metadata, "config", src)
+    adapter = adapter_for_class(config.get("_class_name"), source=f"{src} (header config)")
+    precision, group, rank = read_nunchaku_quantization(qc, src)
+    modules: dict[str, set[str]] = {}
+    for name in tensors:
+        module, _, leaf = name.rpartition(".")
+        modules.setdefault(module, set()).add(leaf)
+    layers = {}
+    for module, leaves in sorted(modules.items()):
+        if "wzeros" in leaves:
+            layers[module] = "awq_w4a16"
+        elif "qweight" in leaves:
+            layers[module] = f"svdq_{precision}+r{rank}"
+        elif "weight" in leaves and tensors[f"{module}.weight"].dtype.is_floating_point \
+                and len(tensors[f"{module}.weight"].shape) == 2:
+            layers[module] = "bf16"
+    bytes_by_dtype: dict[str, int] = {}
+    elements = 0
+    for info in tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        elements += n
+        key = str(info.dtype).replace("torch.", "")
+        bytes_by_dtype[key] = bytes_by_dtype.get(key, 0) + n * info.dtype.itemsize
+    counts: dict[str, int] = {}
+    for scheme in layers.values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    return {
+        "path": str(src), "model": adapter.name, "class_name": adapter.class_name,
+        "format": "nunchaku", "quant_algo": f"SVDQuant W4A4 {precision} (group {group}, rank {rank})",
+        "producer": {"name": "nunchaku"}, "files": [str(src)],
+        "layers": layers, "scheme_counts": counts,
+        "excluded": sorted(m for m, s in layers.items() if s == "bf16"),
+        "bytes_by_dtype": bytes_by_dtype, "total_bytes": sum(bytes_by_dtype.values()),
+        "parameter_count": None,  # logical sizes need the conversion (Nunchaku stores padded, fused layers)
+        "stored_elements": elements,
+    }

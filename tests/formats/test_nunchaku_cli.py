@@ -155,3 +155,17 @@ def test_convert_nvfp4(tmp_path, capsys):
     assert written[f"{p}.wtscale"].item() == 0.5
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert (qc["precision"], qc["group_size"], qc["rank"]) == ("nvfp4", 16, 32) and "gelu_shift" not in qc
+
+
+def test_inspect_nunchaku_file(merged_int4, tmp_path, capsys):
+    src, _ = merged_int4
+    info = qdit.inspect(src)
+    assert info["format"] == "nunchaku" and "int4" in info["quant_algo"] and "rank 16" in info["quant_algo"]
+    assert info["layers"]["transformer_blocks.0.attn.to_qkv"] == "svdq_int4+r16"
+    assert info["layers"]["transformer_blocks.0.img_mod.1"] == "awq_w4a16"
+    assert info["layers"]["img_in"] == "bf16"
+    assert main(["inspect", str(src)]) == 0
+    assert "nunchaku" in capsys.readouterr().out
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    assert "not a Nunchaku checkpoint" in _fails(capsys, "inspect", str(plain))
