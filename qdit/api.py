@@ -35,8 +35,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     linears = linear_layers(skeleton)
     source = formats.loading_source(ckpt, fmt, linears)
     plan = formats.plan_for(source, fmt, adapter, linears, quantize)
-    del skeleton
-    model, report = load_into(adapter, source, plan, dtype=dtype, device=device, backend=backend,
+    model, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
              f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
@@ -56,12 +55,11 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     adapter = adapter_by_name(model)
     device = torch.device(device)
     cfg = dict(config or (adapter.full_config if full_size else adapter.tiny_config))
-    source = RandomWeights(adapter, cfg, device, dtype, seed)
-    fmt = formats.DetectedFormat("bf16", None)
     skeleton = build_skeleton(adapter, cfg, dtype)
+    source = RandomWeights(adapter, skeleton, device, dtype, seed)
+    fmt = formats.DetectedFormat("bf16", None)
     plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize)
-    del skeleton
-    model_, report = load_into(adapter, source, plan, dtype=dtype, device=device, backend=backend,
+    model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                                quantize_from_full=quantize not in (None, "none"))
     model_.qdit_load_report = report
     model_.qdit_plan = plan

@@ -181,13 +181,13 @@ class RandomWeights:
     exactly like a checkpoint (same streaming, same load-time quantization, same strict checks).
     """
 
-    def __init__(self, adapter: ModelAdapter, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
+    def __init__(self, adapter: ModelAdapter, skeleton: nn.Module, device: torch.device, dtype: torch.dtype,
                  seed: int = 0):
+        """skeleton: the model built by build_skeleton; its state-dict names and shapes are produced."""
         self.folder = Path(f"<random {adapter.name} weights, seed {seed}>")
-        self.config = {"_class_name": adapter.class_name, **config}
+        self.config = {"_class_name": adapter.class_name, **dict(skeleton.config)}
         self.class_name = adapter.class_name
         self.device, self.dtype, self.seed = device, dtype, seed
-        skeleton = build_skeleton(adapter, config, dtype)
         self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
         self.linear_weights = {f"{n}.weight" for n in linear_layers(skeleton)}
 
@@ -246,10 +246,10 @@ def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | N
     return dict(repairs), dict(chosen)
 
 
-def load_into(adapter: ModelAdapter, ckpt, plan: dict[str, LayerQuant], *, dtype: torch.dtype,
+def load_into(model: nn.Module, ckpt, plan: dict[str, LayerQuant], *, dtype: torch.dtype,
               device: torch.device, backend: str | None, quantize_from_full: bool) -> tuple[nn.Module, LoadReport]:
+    """Fill `model` (from build_skeleton, planned with `plan`) from `ckpt`; returns it ready to run."""
     start = time.perf_counter()
-    model = build_skeleton(adapter, ckpt.config, dtype)
     install_quant_layers(model, plan, dtype)
     count = fill_from_checkpoint(model, ckpt, dtype=dtype, device=device, quantize_from_full=quantize_from_full)
     model.to(device)  # buffers derived at construction (e.g. rotary tables)
