@@ -50,8 +50,15 @@ def cmd_inspect(args) -> int:
 def cmd_quantize(args) -> int:
     from qdit.tools.quantize import quantize_checkpoint, quantize_pipeline
 
+    if args.calibration_prompts and not args.pipeline:
+        raise QditError("--calibration-prompts needs --pipeline: prompts become transformer inputs through "
+                        "the pipeline's text encoder")
     if args.pipeline:
-        dst = quantize_pipeline(args.src, args.dst, args.format, device=args.device)
+        from qdit.tools.quantize import read_prompts
+
+        prompts = read_prompts(args.calibration_prompts) if args.calibration_prompts else None
+        dst = quantize_pipeline(args.src, args.dst, args.format, device=args.device, calibration_prompts=prompts,
+                                height=args.size, width=args.size)
     else:
         dst = quantize_checkpoint(args.src, args.dst, args.format, device=args.device, calibration=args.calibration)
     print(f"wrote {dst}")
@@ -75,12 +82,13 @@ def cmd_generate(args) -> int:
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None}
     if args.model is None:
-        from qdit.pipelines.tiny import tiny_pipeline
+        from qdit.eval.evaluate import SHIPPED_MODEL
 
-        model = tiny_pipeline("qwen-image")
-        # The embedded pipeline is tiny and random: small images, few steps, FP8 transformer by default.
-        base = QditConfig(quantize="fp8", steps=4, height=64, width=64)
-        print(f"no --model: using the embedded tiny Qwen-Image pipeline (random weights) at {model}")
+        model = SHIPPED_MODEL
+        # Its own defaults (128x128, true CFG 3) live next to it, so they travel with the weights.
+        base = QditConfig.from_yaml(SHIPPED_MODEL / "qdit.yaml")
+        print(f"no --model: using the shipped shapes model (a tiny Qwen-Image pipeline trained on coloured "
+              f"shapes; try a prompt like 'a large red circle at the top left on a white background') at {model}")
     else:
         model, base = args.model, QditConfig()
     config = resolve_config(args.config or base, overrides)
@@ -103,6 +111,24 @@ def _output_paths(output: str, count: int) -> list[str]:
         return [output]
     stem, dot, ext = output.rpartition(".")
     return [f"{stem}-{i}.{ext}" if dot else f"{output}-{i}" for i in range(count)]
+
+
+def cmd_eval(args) -> int:
+    from qdit.eval.evaluate import EvalSettings, SHIPPED_MODEL, evaluate, parse_formats, run_header, write_report
+    from qdit.eval.scenes import held_out_prompts
+    from qdit.tools.quantize import read_prompts
+
+    prompts = held_out_prompts(int(args.prompts)) if args.prompts.isdigit() else read_prompts(args.prompts)
+    settings = EvalSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = args.model or SHIPPED_MODEL
+    results, grid = evaluate(model, formats=parse_formats(args.formats), prompts=prompts, settings=settings,
+                             device=device, backend=args.backend)
+    command = "qdit " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qdit") else "qdit eval"
+    table = write_report(results, grid, args.out, header=run_header(model, prompts, settings, device, command))
+    print(table)
+    print(f"wrote {args.out}/eval.md, eval.json, grid.png")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -156,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs for static activation scales: 'synthetic' runs the model's example inputs")
     p.add_argument("--pipeline", action="store_true",
                    help="SRC is a pipeline folder: quantize its transformer, copy the other components")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE",
+                   help="with --pipeline: calibrate on the transformer inputs of these prompts (one per line)")
+    p.add_argument("--size", type=int, default=512, help="with --calibration-prompts: image height and width")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="convert another producer's checkpoint to a qdit-readable folder")
@@ -168,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     from qdit.config import QUANTIZE_CHOICES
 
     p = sub.add_parser("generate", help="text to image with a (quantized) diffusers pipeline")
-    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded tiny pipeline)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
+    p.add_argument("--prompt", default="a large red circle at the top left on a white background")
     p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -192,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time a full-size transformer step per format against diffusers BF16 (GPU)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+
+    from qdit.eval.evaluate import default_formats
+
+    p = sub.add_parser("eval", help="accuracy, fidelity to BF16, memory and speed of each format on a scored model")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
+    p.add_argument("--formats", default=",".join(default_formats()),
+                   help="comma-separated: bf16, a load-time format, modelopt-<format>, or NAME=TRANSFORMER_FOLDER")
+    p.add_argument("--prompts", default="200", help="N held-out captions, or a file of captions (one per line)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i starts from seed + i")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0, help="true classifier-free guidance scale")
+    p.add_argument("--backend", default=None, help="force a kernel backend (default: chosen per layer)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="qdit-eval")
+    p.set_defaults(func=cmd_eval)
 
     from qdit.models import ADAPTERS
 

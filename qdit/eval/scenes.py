@@ -87,8 +87,11 @@ def parse_caption(caption: str) -> Scene:
 
 
 def held_out_prompts(n: int) -> list[str]:
-    """The first n held-out captions (cycling through them if n exceeds their number)."""
-    return [HELD_OUT_SCENES[i % len(HELD_OUT_SCENES)].caption for i in range(n)]
+    """n held-out captions in a fixed shuffled order (so any n mixes every attribute), cycling if n
+    exceeds their number."""
+    order = list(HELD_OUT_SCENES)
+    random.Random(SPLIT_SEED + 1).shuffle(order)
+    return [order[i % len(order)].caption for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,23 @@ from qdit.quant.scheme import UNQUANTIZED, LayerQuant, Scheme, default_layer_qua
 
 log = logging.getLogger("qdit.formats")
 
-# Formats qdit can quantize a BF16 checkpoint into while loading it.
+
+
+def mixed_fp8_nvfp4(layer_name: str) -> Scheme:
+    """A per-layer policy: attention projections in FP8 (softmax inputs are the most sensitive to
+    error), every other quantized Linear in NVFP4."""
+    return Scheme.FP8 if ".attn." in f".{layer_name}." else Scheme.NVFP4
+
+
+# Formats qdit can quantize a BF16 checkpoint into while loading it: one scheme for every layer,
+# or a per-layer policy (layer name -> scheme).
 LOAD_TIME_FORMATS = {
     "fp8": Scheme.FP8,
     "fp8_per_channel": Scheme.FP8_PER_CHANNEL,
     "nvfp4": Scheme.NVFP4,
     "w4a16_nvfp4": Scheme.W4A16_NVFP4,
     "nvfp4_svd": Scheme.NVFP4_SVD,
+    "mixed_fp8_nvfp4": mixed_fp8_nvfp4,
 }
 
 
@@ -69,12 +79,11 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
             raise QditError(
                 f"{ckpt.folder} is already quantized ({fmt.name} {fmt.quant_algo}); it cannot be quantized again "
                 f"to {quantize}. Load it as it is (quantize=None), or quantize its BF16 original.")
-        scheme = LOAD_TIME_FORMATS.get(quantize)
-        if scheme is None:
+        policy = LOAD_TIME_FORMATS.get(quantize)
+        if policy is None:
             raise QditError(f"unknown quantization format {quantize!r}; choose one of: "
                             f"{', '.join(LOAD_TIME_FORMATS)} (or none)")
         config: dict[str, Any] = dict(ckpt.config)
-        target = default_layer_quant(scheme, static=False, lora_rank=lora_rank)
         plan = {}
         odd = []
         for name, (k, n, _) in linears.items():
@@ -84,7 +93,8 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
                 plan[name] = UNQUANTIZED
                 odd.append(f"{name} ({k}->{n})")
             else:
-                plan[name] = target
+                scheme = policy if isinstance(policy, Scheme) else policy(name)
+                plan[name] = default_layer_quant(scheme, static=False, lora_rank=lora_rank)
         if odd:
             log.warning("%d Linear(s) stay BF16 because their dimensions are not multiples of 16: %s",
                         len(odd), ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else ""))

@@ -46,24 +46,27 @@ def _check_components(folder: Path) -> dict[str, Any]:
     return index
 
 
-def _transformer_quantize(config: QditConfig, folder: Path) -> str | None:
+def _transformer_quantize(config: QditConfig, transformer_folder: Path) -> str | None:
     """Translate the config's quantize option into load_transformer's, refusing conflicting requests."""
-    fmt = detect(open_checkpoint(folder / "transformer"))
+    fmt = detect(open_checkpoint(transformer_folder))
     if config.quantize == "auto":
         return None
     if config.quantize == "none":
         if fmt.name != "bf16":
-            raise QditError(f"quantize=none asks for BF16, but {folder / 'transformer'} is quantized "
+            raise QditError(f"quantize=none asks for BF16, but {transformer_folder} is quantized "
                             f"({fmt.name} {fmt.quant_algo}); use quantize=auto to run it as it is")
         return None
     return config.quantize  # load_transformer refuses to quantize an already-quantized checkpoint
 
 
 def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None = None,
-                  config: QditConfig | str | os.PathLike | None = None, **overrides: Any):
+                  config: QditConfig | str | os.PathLike | None = None,
+                  transformer: str | os.PathLike | None = None, **overrides: Any):
     """The diffusers pipeline of `path` with qdit's (quantized) transformer in it.
 
     config: a QditConfig, a YAML file, or None for defaults; keyword overrides change single fields.
+    transformer: a transformer folder to use instead of the pipeline's own (e.g. a quantized export
+        or a converted Nunchaku checkpoint of it).
     """
     import diffusers
 
@@ -75,13 +78,14 @@ def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None 
         raise CheckpointError("pipeline path does not exist", file=str(folder))
     index = _check_components(folder)
     device = torch.device(device or _default_device())
-    transformer = load_transformer(folder / "transformer", device=device, dtype=cfg.torch_dtype,
-                                   backend=cfg.backend, quantize=_transformer_quantize(cfg, folder))
+    transformer_folder = Path(transformer) if transformer is not None else folder / "transformer"
+    transformer_model = load_transformer(transformer_folder, device=device, dtype=cfg.torch_dtype, backend=cfg.backend,
+                                         quantize=_transformer_quantize(cfg, transformer_folder))
     pipeline_cls = getattr(diffusers, index.get("_class_name", ""), None)
     if pipeline_cls is None:
         raise CheckpointError("model_index.json names a pipeline class diffusers does not have",
                               file=str(folder / "model_index.json"), found=str(index.get("_class_name")))
-    pipe = pipeline_cls.from_pretrained(folder, transformer=transformer, dtype=cfg.torch_dtype)
+    pipe = pipeline_cls.from_pretrained(folder, transformer=transformer_model, dtype=cfg.torch_dtype)
     pipe.to(device)
     converted = {}
     if cfg.text_encoder_fp8:

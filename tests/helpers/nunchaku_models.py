@@ -46,16 +46,17 @@ def _svd_branch(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return (root[:, None] * vh[:rank]).to(DTYPE), (u[:, :rank] * root[None, :]).to(DTYPE)  # down [r,K], up [N,r]
 
 
-def svdq_pack(w: torch.Tensor, bias: torch.Tensor | None, precision: str, rank: int, gen: torch.Generator, *,
+def svdq_pack(w: torch.Tensor, bias: torch.Tensor | None, precision: str, rank: int, gen: torch.Generator | None, *,
               prefix: str, parts: list[int] | None = None, gelu_shift: bool = False) -> dict[str, torch.Tensor]:
     """One SVDQuant W4A4 linear (float weight [N, K]) -> Nunchaku v1 tensors packed by DeepCompressor.
 
+    gen: draws random smoothing factors (exercising every code path); None: smoothing factors of 1.
     parts: row counts of a fused linear (NVFP4: one per-tensor scale per part, stored as wcscales).
     gelu_shift: INT4 layer whose input is quantized shifted (its bias compensates, as Nunchaku's does).
     """
     w = w.float()
     n, k = w.shape
-    smooth = (torch.rand(k, generator=gen) * 1.5 + 0.5).to(DTYPE)
+    smooth = (torch.rand(k, generator=gen) * 1.5 + 0.5 if gen is not None else torch.ones(k)).to(DTYPE)
     down, up = _svd_branch(w, rank)
     target = (w - up.float() @ down.float()) * smooth.float()  # deq / smooth ~ the residual
     if precision == "int4":
@@ -154,9 +155,12 @@ def _layers(model: str, sd: dict[str, torch.Tensor]):
 
 
 def nunchaku_state_dict(model: str, bf16: dict[str, torch.Tensor], precision: str, rank: int,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
-    """A BF16 diffusers state dict -> the Nunchaku state dict of the same model (v1/v2 names)."""
-    gen = torch.Generator().manual_seed(seed)
+                        seed: int | None = 0) -> dict[str, torch.Tensor]:
+    """A BF16 diffusers state dict -> the Nunchaku state dict of the same model (v1/v2 names).
+
+    seed: of the random smoothing factors; None keeps every smoothing factor at 1.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     sd = dict(bf16)
     out: dict[str, torch.Tensor] = {}
     for name, parts, kind, gelu in _layers(model, sd):
@@ -181,8 +185,9 @@ def nunchaku_state_dict(model: str, bf16: dict[str, torch.Tensor], precision: st
     return out
 
 
-def write_merged_file(path: Path, model: str, state: dict[str, torch.Tensor], precision: str, rank: int) -> Path:
-    config = dict(CONFIGS[model], _class_name=CLASS_NAMES[model])
+def write_merged_file(path: Path, model: str, state: dict[str, torch.Tensor], precision: str, rank: int,
+                      config: dict | None = None) -> Path:
+    config = dict(config or CONFIGS[model], _class_name=CLASS_NAMES[model])
     dtype, group = ("int4", 64) if precision == "int4" else ("fp4_e2m1_all", 16)
     scale_dtype = None if precision == "int4" else [None, "fp8_e4m3_nan"]
     qc = {"method": "svdquant", "weight": {"dtype": dtype, "scale_dtype": scale_dtype, "group_size": group},
