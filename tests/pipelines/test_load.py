@@ -113,16 +113,21 @@ def test_unwritable_output(tmp_path):
 
 
 def test_cli_generate_embedded_default(tmp_path, monkeypatch, capsys):
+    """No --model: the shipped shapes model, with its own defaults, draws the scene the prompt asks for."""
     from PIL import Image
 
     from qdit.cli import main
+    from qdit.eval.scorer import score
 
     monkeypatch.setenv("QDIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "img.png"
-    assert main(["generate", "--prompt", "a blue square", "--output", str(out), "--device", "cpu"]) == 0
+    prompt = "a large red circle at the top left on a white background"
+    assert main(["generate", "--prompt", prompt, "--output", str(out), "--device", "cpu"]) == 0
     image = Image.open(out)
-    assert image.size == (64, 64)
-    assert image.text["prompt"] == "a blue square" and image.text["quantization"].startswith("fp8")
+    assert image.size == (128, 128)  # the shipped model's qdit.yaml, not the generic defaults
+    assert image.text["prompt"] == prompt and image.text["quantization"] == "bf16"
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert score(pixels, prompt).all_correct
     assert "s/step" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "nope" / "a.png")]) == 2
 
