@@ -14,12 +14,9 @@ Needs the test extras and deepcompressor-toolkit (see .ci/run).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
-
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -27,24 +24,9 @@ sys.path.insert(0, str(REPO))
 from qdit.eval.evaluate import (EvalSettings, SHIPPED_MODEL, default_formats, evaluate,  # noqa: E402
                                 parse_formats, run_header, write_report)
 from qdit.eval.scenes import held_out_prompts  # noqa: E402
-from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint  # noqa: E402
-from tests.helpers.nunchaku_models import nunchaku_state_dict, write_merged_file  # noqa: E402
+from tests.helpers.nunchaku_models import nunchaku_transformers  # noqa: E402
 
 NUNCHAKU_RANK = 16
-
-
-def nunchaku_versions(model: Path, work: Path) -> dict[str, Path]:
-    transformer = model / "transformer"
-    config = {k: v for k, v in json.loads((transformer / "config.json").read_text()).items()
-              if not k.startswith("_")}
-    bf16 = load_file(transformer / "diffusion_pytorch_model.safetensors")
-    folders = {}
-    for precision in ("int4", "nvfp4"):
-        state = nunchaku_state_dict("qwen-image", bf16, precision, NUNCHAKU_RANK, seed=None)
-        merged = write_merged_file(work / f"svdq-{precision}_r{NUNCHAKU_RANK}.safetensors", "qwen-image", state,
-                                   precision, NUNCHAKU_RANK, config=config)
-        folders[f"nunchaku-{precision}"] = convert_nunchaku_checkpoint(merged, work / f"nunchaku-{precision}")
-    return folders
 
 
 def main() -> None:
@@ -57,7 +39,7 @@ def main() -> None:
     settings = EvalSettings()
     prompts = held_out_prompts(args.prompts)
     with tempfile.TemporaryDirectory(prefix="qdit-nunchaku-") as tmp:
-        extra = ",".join(f"{name}={folder}" for name, folder in nunchaku_versions(SHIPPED_MODEL, Path(tmp)).items())
+        extra = ",".join(f"{name}={folder}" for name, folder in nunchaku_transformers(SHIPPED_MODEL, Path(tmp), NUNCHAKU_RANK).items())
         formats = parse_formats(f"{args.formats},{extra}")
         results, grid = evaluate(SHIPPED_MODEL, formats=formats, prompts=prompts, settings=settings,
                                  device=args.device)

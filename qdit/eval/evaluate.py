@@ -99,8 +99,9 @@ def _capture_first_call(pipe, prompt: str, settings: EvalSettings) -> tuple[tupl
     """The transformer's inputs at the first step of one true-CFG generation (for the memory probe)."""
     from qdit.tools.quantize import pipeline_calibration_inputs
 
-    inputs = pipeline_calibration_inputs(pipe, [prompt], steps=1, height=settings.size, width=settings.size)
-    # One prompt, no guidance: the memory of a batch-1 forward.
+    # One prompt, no guidance (true CFG 1): the memory of a batch-1 forward.
+    inputs = pipeline_calibration_inputs(pipe, [prompt], steps=2, guidance=1.0, height=settings.size,
+                                         width=settings.size)
     return (), inputs[0]
 
 

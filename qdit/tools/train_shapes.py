@@ -77,7 +77,11 @@ def _encode(vae, images: torch.Tensor) -> torch.Tensor:
 def train_vae(vae, *, steps: int, batch: int, device, gen: torch.Generator, log: list) -> None:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    if steps < 3:
+        raise ValueError(f"train_vae needs at least 3 steps (got {steps}): its one-cycle schedule has two phases")
+    # At least two warm-up steps: OneCycleLR divides by (warm-up steps - 1).
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps,
+                                                pct_start=min(1.0, max(0.05, 2 / steps)))
     for step in range(steps):
         _, images = _batch(batch, gen, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -164,7 +168,7 @@ def train_transformer(pipe, data, embeddings, *, batch: int, minutes: float, max
         if step == 70:  # fit the schedule into the time budget, measured after compilation and warm-up
             per_step = (time.perf_counter() - t_warm) / 50
             left = minutes * 60 - (time.perf_counter() - start)
-            total = max(100, min(max_steps, 70 + int(left / per_step)))
+            total = min(max_steps, max(100, 70 + int(left / per_step)))
             log.append({"phase": "transformer", "seconds_per_step": per_step, "planned_steps": total,
                         "seconds_to_step_20": t_warm - start})
             print(f"{per_step * 1000:.1f} ms/step -> {total} steps", flush=True)
@@ -244,7 +248,7 @@ def train(out: str | Path, *, device: str = "cuda", minutes: float = 7.0, max_st
     else:  # continue training the transformer of a trained pipeline folder (its VAE stays as it is)
         from diffusers import QwenImagePipeline
 
-        pipe = QwenImagePipeline.from_pretrained(init, torch_dtype=torch.float32).to(device)
+        pipe = QwenImagePipeline.from_pretrained(init, dtype=torch.float32).to(device)
         pipe.text_encoder.requires_grad_(False)
         pipe.vae.requires_grad_(False)
         previous = json.loads((Path(init) / "train_log.json").read_text())

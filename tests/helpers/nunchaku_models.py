@@ -196,3 +196,24 @@ def write_merged_file(path: Path, model: str, state: dict[str, torch.Tensor], pr
               metadata={"config": json.dumps(config), "quantization_config": json.dumps(qc),
                         "model_class": f"Nunchaku{CLASS_NAMES[model]}"})
     return path
+
+
+def nunchaku_transformers(pipeline: Path, work: Path, rank: int = 16,
+                          precisions: tuple[str, ...] = ("int4", "nvfp4")) -> dict[str, Path]:
+    """Nunchaku checkpoints of a trained Qwen-Image pipeline's BF16 transformer (smoothing factors of 1,
+    packed by DeepCompressor's exporter), converted by qdit: {"nunchaku-<precision>": folder}."""
+    from safetensors.torch import load_file
+
+    from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint
+
+    transformer = pipeline / "transformer"
+    config = {k: v for k, v in json.loads((transformer / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    bf16 = load_file(transformer / "diffusion_pytorch_model.safetensors")
+    folders = {}
+    for precision in precisions:
+        state = nunchaku_state_dict("qwen-image", bf16, precision, rank, seed=None)
+        merged = write_merged_file(work / f"svdq-{precision}_r{rank}.safetensors", "qwen-image", state,
+                                   precision, rank, config=config)
+        folders[f"nunchaku-{precision}"] = convert_nunchaku_checkpoint(merged, work / f"nunchaku-{precision}")
+    return folders
