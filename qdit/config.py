@@ -17,7 +17,7 @@ import yaml
 from qdit.errors import QditError
 
 QUANTIZE_CHOICES = ("auto", "none", "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4", "nvfp4_svd",
-                    "mixed_fp8_nvfp4")
+                    "mixed_fp8_nvfp4", "svdq_int4", "svdq_nvfp4")
 DTYPES = ("bfloat16", "float16", "float32")
 
 

@@ -25,6 +25,17 @@ def mixed_fp8_nvfp4(layer_name: str) -> Scheme:
     return Scheme.FP8 if ".attn." in f".{layer_name}." else Scheme.NVFP4
 
 
+# Nunchaku's modulation linears (AdaLN): read in full every step at batch 1, kept as AWQ W4A16.
+MODULATION_SUFFIXES = (".norm1.linear", ".norm1_context.linear", ".norm.linear", ".img_mod.1", ".txt_mod.1")
+
+
+def svdquant_policy(scheme: Scheme):
+    """Nunchaku's recipe: SVDQuant W4A4 in every repeated block, AWQ W4A16 for the modulation linears."""
+    def policy(layer_name: str) -> Scheme:
+        return Scheme.AWQ_W4A16 if f".{layer_name}".endswith(MODULATION_SUFFIXES) else scheme
+    return policy
+
+
 # Formats qdit can quantize a BF16 checkpoint into while loading it: one scheme for every layer,
 # or a per-layer policy (layer name -> scheme).
 LOAD_TIME_FORMATS = {
@@ -34,7 +45,11 @@ LOAD_TIME_FORMATS = {
     "w4a16_nvfp4": Scheme.W4A16_NVFP4,
     "nvfp4_svd": Scheme.NVFP4_SVD,
     "mixed_fp8_nvfp4": mixed_fp8_nvfp4,
+    "svdq_int4": svdquant_policy(Scheme.SVDQ_INT4),
+    "svdq_nvfp4": svdquant_policy(Scheme.SVDQ_NVFP4),
 }
+# Nunchaku's checkpoints quantize every Linear of the repeated blocks (no ModelOpt exclusions).
+ALL_BLOCKS_FORMATS = ("svdq_int4", "svdq_nvfp4")
 
 
 @dataclass
@@ -87,8 +102,15 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         plan = {}
         odd = []
         for name, (k, n, _) in linears.items():
-            if adapter.is_excluded_by_default(name, config):
+            if quantize in ALL_BLOCKS_FORMATS:
+                excluded = not name.startswith(tuple(f"{b}." for b in adapter.block_lists))
+            else:
+                excluded = adapter.is_excluded_by_default(name, config)
+            if excluded:
                 plan[name] = UNQUANTIZED
+            elif quantize in ALL_BLOCKS_FORMATS and (k % 128 or n % 128):  # SVDQuant's tiles; 4-bit groups of 64
+                plan[name] = UNQUANTIZED
+                odd.append(f"{name} ({k}->{n})")
             elif k % 16 or n % 16:  # NVFP4 blocks and FP8 GEMMs need multiples of 16
                 plan[name] = UNQUANTIZED
                 odd.append(f"{name} ({k}->{n})")
@@ -96,8 +118,9 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
                 scheme = policy if isinstance(policy, Scheme) else policy(name)
                 plan[name] = default_layer_quant(scheme, static=False, lora_rank=lora_rank)
         if odd:
-            log.warning("%d Linear(s) stay BF16 because their dimensions are not multiples of 16: %s",
-                        len(odd), ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else ""))
+            log.warning("%d Linear(s) stay BF16 because their dimensions are not multiples of %d: %s",
+                        len(odd), 128 if quantize in ALL_BLOCKS_FORMATS else 16,
+                        ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else ""))
         return plan
     if fmt.svdquant is not None:
         if not isinstance(ckpt, svdquant.SplitFusedCheckpoint):

@@ -157,6 +157,10 @@ class _Filler:
                 layer.set_tensor(name, value.to(self.device))
                 self.filled.add(f"{module_name}.{name}")
             return
+        if quantize_from_full and tensor_name == "bias" and tensor.is_floating_point():
+            # A BF16 checkpoint's bias, for a layout that stores it in another float dtype (AWQ: float32).
+            wanted = layer.method.specs["bias"].dtype
+            tensor = tensor.to(wanted) if wanted is not None else tensor
         layer.method.check(module_name, tensor_name, tensor, source=source)
         layer.set_tensor(tensor_name, tensor.to(self.device))
         self.filled.add(key)

@@ -83,4 +83,8 @@ def default_layer_quant(scheme: Scheme, *, static: bool, lora_rank: int = 32) ->
         return LayerQuant(scheme, ActivationScale.NONE)
     if scheme is Scheme.NVFP4_SVD:
         return LayerQuant(scheme, act, pre_quant_scale=True, lora_rank=lora_rank)
+    if scheme in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4):  # Nunchaku's layout, made at load
+        return LayerQuant(scheme, lora_rank=lora_rank, wtscale=scheme is Scheme.SVDQ_NVFP4)
+    if scheme is Scheme.AWQ_W4A16:
+        return LayerQuant(scheme)
     raise ValueError(scheme)

@@ -70,6 +70,32 @@ class SVDQuantMethod(LinearMethod):
             w = w * layer.tensor("wcscales").float()[:, None]
         return w
 
+    def quantize_weight(self, layer, weight):
+        """A BF16 weight in this layout (quantization at load): smoothing factors of 1 (there is no
+        calibration data to smooth against), a rank-r branch from a randomized SVD, the residual in
+        4 bits with Nunchaku's group scales."""
+        from qdit.quant.methods import low_rank_factors
+
+        lq, w = self.layer_quant, weight.float()
+        n, k = w.shape
+        down, up = low_rank_factors(w, lq.lora_rank)
+        down, up = down.to(weight.dtype), up.to(weight.dtype)
+        residual = w - up.float() @ down.float()
+        out = {"smooth_factor": torch.ones(k, device=w.device, dtype=weight.dtype),
+               "proj_down": down.t().contiguous(), "proj_up": up.contiguous()}
+        if lq.scheme is Scheme.SVDQ_INT4:
+            groups = residual.reshape(n, k // INT4_GROUP, INT4_GROUP)
+            scales = (groups.abs().amax(-1) / 7).to(weight.dtype)
+            safe = torch.where(scales.float() > 0, scales.float(), torch.ones_like(scales.float()))
+            codes = torch.round(groups / safe[..., None]).clamp(-8, 7).to(torch.int16).reshape(n, k)
+            out["qweight"] = numerics.pack_nibbles(codes & 0xF).to(torch.uint8)
+            out["wscales"] = scales
+        else:
+            global_scale = numerics.nvfp4_global_scale(residual.abs().amax())
+            codes, block_scale = numerics.nvfp4_quantize(residual, global_scale)
+            out["qweight"], out["wscales"], out["wtscale"] = numerics.pack_nibbles(codes), block_scale, global_scale
+        return out
+
     def process_after_loading(self, layer):
         if self.layer_quant.scheme is not Scheme.SVDQ_NVFP4:
             return {}
@@ -92,6 +118,17 @@ class AWQW4A16Method(LinearMethod):
         if self.has_bias:
             specs["bias"] = TensorSpec((n,), F32)  # exact after removing Nunchaku's +1 (docs/nunchaku.md)
         return specs
+
+    def quantize_weight(self, layer, weight):
+        """Asymmetric 4 bits per 64 inputs: zero = group min, scale = (max - min) / 15."""
+        n, k = weight.shape
+        groups = weight.float().reshape(n, k // AWQ_GROUP, AWQ_GROUP)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scales = ((hi - lo) / 15).to(weight.dtype)
+        zeros = lo.to(weight.dtype)
+        safe = torch.where(scales.float() > 0, scales.float(), torch.ones_like(scales.float()))
+        codes = torch.round((groups - zeros.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+        return {"qweight": numerics.pack_nibbles(codes.reshape(n, k)), "wscales": scales, "wzeros": zeros}
 
     def dequantize(self, layer):
         codes = numerics.unpack_nibbles(layer.tensor("qweight")).float()

@@ -1,0 +1,274 @@
+"""Nunchaku SVDQuant layers (canonical layout, docs/nunchaku.md) on Hopper, which has no 4-bit MMA.
+
+- SVDQ_INT4 (W4A4, per-64 groups): exact on INT8 tensor cores. One Triton pass smooths the input
+  (and adds the GELU shift), quantizes it to 4-bit integers per 64-group (signed, or unsigned for the
+  GELU-shift layers) stored as int8, its scales transposed for coalesced reads. The GEMM unpacks the
+  weight's nibbles in its main loop, takes one int8 x int8 -> int32 product per 64-group (exact) and
+  applies both groups' scales to it before the float32 accumulation; its epilogue adds the bias and
+  the low-rank up-projection (bf16 MMA over the rank). Same arithmetic as Nunchaku's W4A4, up to the
+  order of float32 additions.
+- SVDQ_NVFP4 (W4A4, per-16 E4M3 groups): the routes of the NVFP4 Hopper backend (weights stay 4-bit;
+  W4A16 for M <= SMALL_M, else W4A8 through an FP8 scratch expansion). Per-16 activation groups are
+  below the K of an FP8 MMA, so W4A4's activation rounding is not reproduced; W4A8 is closer to the
+  unquantized layer than W4A4 (the GPU tests check it).
+- AWQ_W4A16 (the modulation linears, M = batch at most): a split-K Triton GEMV/GEMM that decodes
+  code * scale + zero per 64-group in its main loop.
+
+The low-rank branch reads the unsmoothed input, as in Nunchaku: its down-projection is one bf16 GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
+from qdit.kernels.nvfp4_hopper import SMALL_M, nvfp4_expand_fp8, nvfp4_w4a16_gemm
+from qdit.kernels.registry import YES, Verdict
+from qdit.quant import numerics
+from qdit.quant.scheme import LayerQuant, Scheme
+from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
+
+if triton is not None:
+    import triton.language as tl
+
+_RNE = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds a float32 |v| < 2**22 to the nearest integer, ties to even
+
+if triton is not None:
+
+    @triton.jit
+    def _int4_act_quant_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, K, stride_xm,
+                               GROUPS: tl.constexpr, UNSIGNED: tl.constexpr, SHIFT: tl.constexpr):
+        """One row, GROUPS 64-groups per program. q[m, g*64 + j] holds element 2j (j < 32) or 2(j-32)+1
+        (j >= 32) of the group, the order the GEMM's nibble unpacking wants; s is stored [K/64, M]."""
+        m, pid_g = tl.program_id(0), tl.program_id(1)
+        offs_g = pid_g * GROUPS + tl.arange(0, GROUPS)
+        offs = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
+        gmask = offs_g < K // 64
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=gmask[:, None], other=0.0)
+        s = tl.load(smooth_ptr + offs, mask=gmask[:, None], other=1.0)
+        # Rounded to the model dtype after each op, as the reference (and Nunchaku) compute them.
+        if UNSIGNED:
+            x = (x.to(tl.float32) + SHIFT).to(x.dtype)
+        v = (x.to(tl.float32) / s.to(tl.float32)).to(x.dtype).to(tl.float32)
+        if UNSIGNED:
+            scale = tl.maximum(tl.max(v, axis=1), 0.0) / 15.0
+        else:
+            scale = tl.max(tl.abs(v), axis=1) / 7.0
+        safe = tl.where(scale > 0, scale, 1.0)
+        r = (v / safe[:, None] + _RNE) - _RNE
+        if UNSIGNED:
+            q = tl.minimum(tl.maximum(r, 0.0), 15.0)
+        else:
+            q = tl.minimum(tl.maximum(r, -8.0), 7.0)
+        q = q.to(tl.int8)
+        even, odd = tl.split(tl.reshape(q, (GROUPS, 32, 2)))
+        half = offs_g[:, None] * 64 + tl.arange(0, 32)[None, :]
+        tl.store(q_ptr + m * K + half, even, mask=gmask[:, None])
+        tl.store(q_ptr + m * K + half + 32, odd, mask=gmask[:, None])
+        tl.store(s_ptr + offs_g * M + m, scale, mask=gmask)
+
+    @triton.jit
+    def _int4_gemm_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, la_ptr, up_ptr, out_ptr, M, N, K,
+                          HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        # Grouped ordering: neighbouring programs share weight tiles in L2.
+        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * n_n
+        first_m = (pid // width) * GROUP_M
+        rows = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = offs_m < M, offs_n < N
+        offs_j = tl.arange(0, 32)
+        groups = K // 64
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(groups):
+            xa = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + offs_j[None, :], mask=mmask[:, None], other=0)
+            xb = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + 32 + offs_j[None, :], mask=mmask[:, None], other=0)
+            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
+                             other=0).to(tl.int32)
+            lo, hi = packed & 15, packed >> 4
+            w_even = (lo - ((lo & 8) << 1)).to(tl.int8)  # two's-complement nibble -> -8..7
+            w_odd = (hi - ((hi & 8) << 1)).to(tl.int8)
+            part = tl.dot(xa, tl.trans(w_even), out_dtype=tl.int32)
+            part = tl.dot(xb, tl.trans(w_odd), part, out_dtype=tl.int32)
+            sx = tl.load(sx_ptr + g * M + offs_m, mask=mmask, other=0.0)
+            sw = tl.load(sw_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * sx[:, None] * sw[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        offs_r = tl.arange(0, 16)
+        for r0 in range(0, RANK, 16):  # low-rank up-projection, bf16 MMA
+            la = tl.load(la_ptr + offs_m[:, None] * RANK + r0 + offs_r[None, :], mask=mmask[:, None], other=0.0)
+            up = tl.load(up_ptr + offs_n[:, None] * RANK + r0 + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            acc = tl.dot(la, tl.trans(up), acc)
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _awq_w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Partial sums over one K slice, one 64-group (32 packed bytes) per iteration:
+        out[split, m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k/64] + zero[n, k/64])."""
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = offs_m < M, offs_n < N
+        offs_j = tl.arange(0, 32)
+        groups = K // 64
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g_start = pid_s * (K_PER_SPLIT // 64)
+        for g in range(g_start, tl.minimum(g_start + K_PER_SPLIT // 64, groups)):
+            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
+                             other=0)
+            scale = tl.load(s_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            zero = tl.load(z_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            w_even = ((packed & 15).to(tl.float32) * scale + zero).to(tl.bfloat16)
+            w_odd = ((packed >> 4).to(tl.float32) * scale + zero).to(tl.bfloat16)
+            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :], mask=mmask[:, None],
+                             other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :] + 1,
+                            mask=mmask[:, None], other=0.0)
+            acc = tl.dot(x_even.to(tl.bfloat16), tl.trans(w_even), acc)
+            acc = tl.dot(x_odd.to(tl.bfloat16), tl.trans(w_odd), acc)
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+@torch.library.custom_op("qdit::svdq_int4_quant_act", mutates_args=())
+def svdq_int4_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) -> (int8 codes [M, K] in the GEMM's per-group order, float32 scales [K/64, M])."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((k // INT4_GROUP, m), dtype=torch.float32, device=x.device)
+    if m:
+        groups = 8
+        _int4_act_quant_kernel[(m, triton.cdiv(k // INT4_GROUP, groups))](
+            x, smooth, q, s, m, k, x.stride(0), GROUPS=groups, UNSIGNED=unsigned, SHIFT=GELU_SHIFT, num_warps=4)
+    return q, s
+
+
+@svdq_int4_quant_act.register_fake
+def _(x, smooth, unsigned):
+    m, k = x.shape
+    return (torch.empty((m, k), dtype=torch.int8, device=x.device),
+            torch.empty((k // INT4_GROUP, m), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("qdit::svdq_int4_gemm", mutates_args=())
+def svdq_int4_gemm(q: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+                   bias: torch.Tensor | None, lora_act: torch.Tensor, proj_up: torch.Tensor) -> torch.Tensor:
+    """INT4 W4A4 with the low-rank up-projection: [M, N] in lora_act's dtype."""
+    m, k = q.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=lora_act.dtype, device=q.device)
+    if m:
+        block_m, warps = (64, 4) if m <= 64 else (128, 8)
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, 128),)
+        _int4_gemm_kernel[grid](q, act_scale, qweight, wscales, bias, lora_act, proj_up, out, m, n, k,
+                                HAS_BIAS=bias is not None, RANK=proj_up.shape[1], BLOCK_M=block_m, BLOCK_N=128,
+                                GROUP_M=8, num_warps=warps, num_stages=4)
+    return out
+
+
+@svdq_int4_gemm.register_fake
+def _(q, act_scale, qweight, wscales, bias, lora_act, proj_up):
+    return torch.empty((q.shape[0], qweight.shape[0]), dtype=lora_act.dtype, device=q.device)
+
+
+@torch.library.custom_op("qdit::awq_w4a16_gemm", mutates_args=())
+def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_m, block_n, per_sm = 16, 64, 4
+    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    groups = k // AWQ_GROUP
+    splits = max(1, min(groups, triton.cdiv(per_sm * sms, count)))
+    k_per_split = triton.cdiv(groups, splits) * AWQ_GROUP
+    splits = triton.cdiv(k, k_per_split)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    _awq_w4a16_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
+                            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    out = partial.sum(0)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@awq_w4a16_gemm.register_fake
+def _(x, qweight, wscales, wzeros, bias):
+    return torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+class SVDQuantHopperBackend:
+    name = "svdq-hopper"
+
+    def supports_device(self, device: torch.device) -> Verdict:
+        return fp8_gpu_verdict(device)  # INT8 and FP8 tensor cores, Triton
+
+    def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
+        scheme = layer_quant.scheme
+        if scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4, Scheme.AWQ_W4A16):
+            return Verdict(False, f"computes Nunchaku SVDQuant/AWQ layers only, not {scheme.value}")
+        if in_features % 64 or out_features % 16:
+            return Verdict(False, f"needs K % 64 == 0 and N % 16 == 0, got K={in_features} N={out_features}")
+        if scheme is not Scheme.AWQ_W4A16 and layer_quant.lora_rank % 16:
+            return Verdict(False, f"needs a low-rank branch of rank % 16 == 0, got {layer_quant.lora_rank}")
+        return YES
+
+    def prepare(self, layer) -> None:
+        lq = layer.layer_quant
+        if lq.scheme is Scheme.AWQ_W4A16:
+            return
+        dtype = layer.compute_dtype
+        layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
+        if lq.scheme is Scheme.SVDQ_INT4:
+            return
+        # NVFP4: weight = e2m1 * wscales * wtscale * wcscales[n]; the input is divided by smooth_factor.
+        row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
+        row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
+        tensor_scale = layer.tensor("wtscale").float() if lq.wtscale else torch.ones((), device=row_amax.device)
+        channel = layer.tensor("wcscales").float() if lq.wcscales else torch.ones_like(row_amax)
+        layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
+        layer.register_buffer("w4a8_row_factor", (tensor_scale * channel / row_scale).contiguous(), persistent=False)
+        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
+        layer.register_buffer("w4a16_channel_scale", channel.to(dtype) if lq.wcscales else None, persistent=False)
+        layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
+                              persistent=False)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        lq = layer.layer_quant
+        if lq.scheme is Scheme.AWQ_W4A16:
+            y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"),
+                               layer.bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
+        if lq.scheme is Scheme.SVDQ_INT4:
+            q, act_scale = svdq_int4_quant_act(x2d, layer.tensor("smooth_factor"), lq.gelu_shift)
+            y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
+                               lora_act, layer.tensor("proj_up"))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        xs = x2d * layer.inverse_smooth
+        qweight, wscales = layer.tensor("qweight"), layer.tensor("wscales")
+        if x2d.shape[0] <= SMALL_M:
+            y = nvfp4_w4a16_gemm(xs, qweight, wscales, layer.w4a16_global_scale, None)
+            if layer.w4a16_channel_scale is not None:
+                y = y * layer.w4a16_channel_scale
+        else:
+            xq, token_scale = fp8_quant_per_token(xs)
+            w8 = nvfp4_expand_fp8(qweight, wscales, layer.w4a8_row_factor)
+            y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias
+        y = y + lora_act @ layer.tensor("proj_up").t()
+        return y.reshape(*x.shape[:-1], y.shape[-1])
