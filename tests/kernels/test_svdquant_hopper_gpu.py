@@ -1,0 +1,116 @@
+"""The svdq-hopper backend against the reference backend, on the same canonical SVDQuant weights (device)."""
+
+import pytest
+import torch
+
+from qdit.kernels import backend_by_name
+from qdit.kernels.nvfp4_hopper import SMALL_M
+from qdit.quant.layer import QuantLinear
+from qdit.quant.scheme import LayerQuant, Scheme
+from qdit.quant.svdquant import svdq_reference_forward
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+SHAPES = [(256, 384), (3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N)
+MS = [1, 7, SMALL_M, SMALL_M + 1, 333, 4096]
+
+
+def make_layer(lq, k, n, seed, gelu_input=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
+    layer = QuantLinear("test", k, n, True, lq, torch.bfloat16)
+    for name, t in layer.method.quantize_weight(layer, w).items():
+        layer.set_tensor(name, t)
+    if lq.scheme is not Scheme.AWQ_W4A16:  # non-trivial smoothing (load-time quantization uses ones)
+        layer.set_tensor("smooth_factor", (torch.rand(k, device="cuda", generator=gen) + 0.5).to(torch.bfloat16))
+    layer.set_tensor("bias", (torch.randn(n, device="cuda", generator=gen) * 0.1).to(torch.bfloat16))
+    return layer
+
+
+def run(layer, backend_name, x):
+    backend = backend_by_name(backend_name)
+    layer.backend = backend
+    backend.prepare(layer)
+    return layer(x)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int4_w4a4_matches_reference(k, n, m, gelu):
+    """Exact W4A4 arithmetic on INT8 tensor cores: only float32 summation order and the bf16 output differ."""
+    lq = LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=gelu)
+    layer = make_layer(lq, k, n, seed=k + n + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    if gelu:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    got = run(layer, "svdq-hopper", x)
+    ref = svdq_reference_forward(layer, x)
+    assert rel(got, ref) < 1e-2, rel(got, ref)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_nvfp4_routes_against_reference(k, n, m):
+    """Hopper has no FP4 MMA: W4A16 (small M) / W4A8 (large M) instead of W4A4. Both stay close to the
+    reference, and closer to the unquantized-activation layer than W4A4 itself."""
+    lq = LayerQuant(Scheme.SVDQ_NVFP4, lora_rank=32, wtscale=True)
+    layer = make_layer(lq, k, n, seed=k * 3 + n + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    got = run(layer, "svdq-hopper", x)
+    ref = svdq_reference_forward(layer, x)  # W4A4
+    smooth = layer.tensor("smooth_factor").float()
+    exact_act = (x.float() / smooth) @ layer.method.dequantize(layer).t() + layer.bias.float() \
+        + (x.float() @ layer.tensor("proj_down").float()) @ layer.tensor("proj_up").float().t()
+    assert rel(got, ref) < 0.2, rel(got, ref)
+    assert rel(got, exact_act) <= rel(ref, exact_act) + 1e-3, (rel(got, exact_act), rel(ref, exact_act))
+
+
+@pytest.mark.parametrize("k,n", [(3072, 18432), (256, 384)])
+@pytest.mark.parametrize("m", [1, 2, 7, 100])
+def test_awq_w4a16_matches_reference(k, n, m):
+    layer = make_layer(LayerQuant(Scheme.AWQ_W4A16), k, n, seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    got = run(layer, "svdq-hopper", x)
+    ref = layer.method.dequantize(layer)
+    ref = x.float() @ ref.t() + layer.bias.float()
+    assert rel(got, ref) < 1e-2, rel(got, ref)
+
+
+def test_ops_compile_without_graph_breaks():
+    lq = LayerQuant(Scheme.SVDQ_INT4, lora_rank=32)
+    layer = make_layer(lq, 256, 384, seed=0)
+    x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16)
+    eager = run(layer, "svdq-hopper", x)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_converted_tiny_qwen_image_runs_on_the_gpu_backend(tmp_path, precision):
+    """A Nunchaku checkpoint packed by DeepCompressor, converted, loaded on the GPU: every quantized layer
+    on svdq-hopper, output close to the reference backend's."""
+    import qdit
+    from qdit.api import random_transformer
+    from qdit.models import adapter_by_name
+    from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint
+    from tests.helpers.nunchaku_models import CONFIGS, nunchaku_state_dict, write_merged_file
+
+    bf16 = random_transformer("qwen-image", config=CONFIGS["qwen-image"], dtype=torch.bfloat16, seed=1)
+    state = nunchaku_state_dict("qwen-image", {k: v for k, v in bf16.state_dict().items()}, precision, 32)
+    merged = write_merged_file(tmp_path / "m.safetensors", "qwen-image", state, precision, 32)
+    folder = convert_nunchaku_checkpoint(merged, tmp_path / "conv")
+    fast = qdit.load_transformer(folder, device="cuda")
+    slow = qdit.load_transformer(folder, device="cuda", backend="reference")
+    assert set(fast.qdit_load_report.backends) == {"svdq-hopper"}
+    inputs = adapter_by_name("qwen-image").example_inputs(fast.config, batch=1, height=256, width=256, device="cuda")
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        a, b = fast(**inputs)[0], slow(**inputs)[0]
+    assert rel(a, b) < (0.02 if precision == "int4" else 0.1), rel(a, b)
