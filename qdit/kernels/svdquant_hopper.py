@@ -68,7 +68,7 @@ if triton is not None:
         tl.store(s_ptr + offs_g * M + m, scale, mask=gmask)
 
     @triton.jit
-    def _int4_gemm_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, la_ptr, up_ptr, out_ptr, M, N, K,
+    def _int4_gemm_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, la_ptr, up_ptr, out_ptr, M, N, K, groups,
                           HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
@@ -83,9 +83,8 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = offs_m < M, offs_n < N
         offs_j = tl.arange(0, 32)
-        groups = K // 64
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in range(groups):
+        for g in range(0, groups):
             xa = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + offs_j[None, :], mask=mmask[:, None], other=0)
             xb = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + 32 + offs_j[None, :], mask=mmask[:, None], other=0)
             packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
@@ -168,7 +167,7 @@ def svdq_int4_gemm(q: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tens
     if m:
         block_m, warps = (64, 4) if m <= 64 else (128, 8)
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, 128),)
-        _int4_gemm_kernel[grid](q, act_scale, qweight, wscales, bias, lora_act, proj_up, out, m, n, k,
+        _int4_gemm_kernel[grid](q, act_scale, qweight, wscales, bias, lora_act, proj_up, out, m, n, k, k // INT4_GROUP,
                                 HAS_BIAS=bias is not None, RANK=proj_up.shape[1], BLOCK_M=block_m, BLOCK_N=128,
                                 GROUP_M=8, num_warps=warps, num_stages=4)
     return out
