@@ -19,14 +19,7 @@ ACCEPTANCE = 0.98  # the scorer must not be the bottleneck of the model's measur
 VALUES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # read_scene is hundreds of tiny ops per image: a second intra-op thread makes it several times
-    # slower on a busy 2-core machine, never faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers.threads import one_thread  # noqa: E402,F401 (autouse: one intra-op thread)
 
 
 def _scenes_and_seeds(n: int, seed: int) -> tuple[list[Scene], list[int]]:

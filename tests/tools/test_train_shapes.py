@@ -36,14 +36,7 @@ VAE_STEPS, DIT_STEPS, BATCH, DATASET = 6, 12, 4, 16
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are all small ops (e.g. 609 single-prompt text-encoder calls): a second
-    # intra-op thread only adds synchronisation, which is very slow on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers.threads import one_thread  # noqa: E402,F401 (autouse: one intra-op thread)
 
 
 def _fewer_statistics_samples(monkeypatch):
