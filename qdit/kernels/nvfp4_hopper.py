@@ -134,15 +134,22 @@ def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.T
 W4A16_TILES = (16, 64, 64, 4, 4)  # BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM
 
 
+def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,
+                 device: torch.device) -> tuple[int, int]:
+    """(splits, K per split, a multiple of k_step): enough programs to give each SM per_sm of them at
+    small M, where the output tiles alone would leave most of the GPU idle."""
+    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(k // k_step, triton.cdiv(per_sm * sms, count)))
+    k_per_split = triton.cdiv(k // k_step, splits) * k_step
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def _w4a16(x, weight, block_scale, global_scale, bias, tiles):
     m, k = x.shape
     n = weight.shape[0]
     block_m, block_n, block_b, warps, per_sm = tiles
-    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = max(1, min(k // (2 * block_b), triton.cdiv(per_sm * sms, count)))
-    k_per_split = triton.cdiv(k // (2 * block_b), splits) * 2 * block_b
-    splits = triton.cdiv(k, k_per_split)
+    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, 2 * block_b, per_sm, x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _w4a16_kernel[grid](x, weight, block_scale, partial, m, n, k, x.stride(0), k_per_split,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
-from qdit.kernels.nvfp4_hopper import SMALL_M, nvfp4_expand_fp8, nvfp4_w4a16_gemm
+from qdit.kernels.nvfp4_hopper import SMALL_M, nvfp4_expand_fp8, nvfp4_w4a16_gemm, split_k_plan
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -184,13 +184,8 @@ def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor
     """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_m, block_n, per_sm = 16, 64, 4
-    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    groups = k // AWQ_GROUP
-    splits = max(1, min(groups, triton.cdiv(per_sm * sms, count)))
-    k_per_split = triton.cdiv(groups, splits) * AWQ_GROUP
-    splits = triton.cdiv(k, k_per_split)
+    block_m, block_n = 16, 64
+    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, AWQ_GROUP, 4, x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _awq_w4a16_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
