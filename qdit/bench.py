@@ -4,7 +4,9 @@ by side with diffusers BF16 (eager and compiled) in one run, plus load time and 
     qdit bench --model qwen-image --batches 1,2 --resolutions 1024,1328 --out benchmarks/results
 
 Writes <out>/<model>-<H>x<W>-b<batch>.json and .md per (batch, resolution), naming the GPU, versions
-and command. Peers: diffusers' own BF16 model (eager, compiled blocks, compiled + one CUDA graph).
+and command. Peers: diffusers' own BF16 model (eager, compiled blocks, compiled + one CUDA graph) and,
+as format `torchao_fp8`, that model with torchao's FP8 per-row dynamic quantization on the same Linears
+qdit quantizes. Each row also times the conditioning-only Linears (timestep modulation) on their own.
 """
 
 from __future__ import annotations
@@ -49,32 +51,58 @@ def step_ms(model, inputs, adapter, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def _replay_ms(fn, iters: int) -> float:
+    """Median time of `fn` captured in one CUDA graph (no host launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(iters + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    times = sorted(times[2:])
+    return times[len(times) // 2]
+
+
 def graphed_step_ms(model, inputs, adapter, iters: int) -> float:
     """The step captured whole in one CUDA graph (static inputs), so host launch overhead is gone."""
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                adapter.output_tensor(model(**inputs))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            adapter.output_tensor(model(**inputs))
-        for _ in range(2):
-            graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    del graph
-    times.sort()
-    return times[len(times) // 2]
+        return _replay_ms(lambda: adapter.output_tensor(model(**inputs)), iters)
+
+
+def conditioning_linears_ms(model, adapter, batch: int, iters: int) -> tuple[int, float]:
+    """(count, ms): the Linears that see only the conditioning vector (one row per image), all run once."""
+    layers = [m for name, m in model.named_modules()
+              if adapter.is_conditioning_linear(name) and hasattr(m, "in_features")]
+    if not layers:
+        return 0, 0.0
+    dtype = next(model.parameters()).dtype
+    inputs = {m.in_features: torch.randn(batch, m.in_features, device="cuda", dtype=dtype) for m in layers}
+    with torch.no_grad():
+        return len(layers), _replay_ms(lambda: [m(inputs[m.in_features]) for m in layers], iters)
+
+
+def torchao_fp8(model, adapter) -> None:
+    """The peer: torchao's FP8 dynamic per-row quantization of the Linears qdit would quantize."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise RuntimeError(f"the torchao_fp8 peer needs torchao installed ({e})") from e
+    config = dict(model.config)
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear)
+              and not adapter.is_excluded_by_default(name, config))
 
 
 def timed_compile(model, inputs, adapter, fullgraph: bool, mode: str | None) -> float:
@@ -138,8 +166,11 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
         # (the layout of a ModelOpt export with static input_scale).
         base_fmt = fmt.removesuffix("_static")
+        peer = fmt in ("bf16", "torchao_fp8")
         model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if base_fmt == "bf16" else base_fmt)
+                                   quantize=None if peer else base_fmt)
+        if fmt == "torchao_fp8":
+            torchao_fp8(model, adapter)
         inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
                                         text_tokens=args.text_tokens, device=device)
         if fmt.endswith("_static"):
@@ -148,8 +179,11 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),
                "weight_gb": round(weight_bytes(model) / 1e9, 2),
                "backends": model.qdit_load_report.backends}
-        if fmt == "bf16" or any(b != "reference" for b in row["backends"]):
+        fast = peer or any(b != "reference" for b in row["backends"])
+        if fast:
             row["eager_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
+            count, ms = conditioning_linears_ms(model, adapter, args.batch, args.iters)
+            row["conditioning_linears"], row["conditioning_ms"] = count, round(ms, 2)
         if fmt in args.reference_forward.split(","):
             fast = {m: m.backend for m in model.modules() if isinstance(m, QuantLinear)}
             for m in fast:
@@ -166,7 +200,7 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         if args.compile == "all" or fmt in args.compile.split(","):
             # A stage that fails is recorded in the results (and the run goes on to the next format).
             try:
-                row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=fmt != "bf16",
+                row["compile_s"] = round(timed_compile(model, inputs, adapter, fullgraph=not peer,
                                                        mode=args.compile_mode or None), 1)
                 row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
                 if args.cuda_graph:
@@ -198,8 +232,8 @@ def run_one(args, height: int, width: int, batch: int) -> None:
              f"compile mode {meta['compile_mode']}.",
              f"Command: `{meta['command']}`", "",
              "| format | backends | load s | weights GB | eager ms | compiled ms | compiled+graph ms | compile s | "
-             "vs BF16 compiled | vs BF16 compiled+graph | reference fwd s | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs BF16 compiled | vs BF16 compiled+graph | conditioning Linears ms | reference fwd s | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = ""
         if base and base.get("compiled_ms") and r.get("compiled_ms"):
@@ -210,6 +244,7 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         lines.append(f"| {r['format']} | {', '.join(f'{k}:{v}' for k, v in r['backends'].items()) or 'torch'} | "
                      f"{r['load_s']} | {r['weight_gb']} | {r.get('eager_ms', '')} | {r.get('compiled_ms', '')} | "
                      f"{r.get('compiled_graph_ms', '')} | {r.get('compile_s', '')} | {ratio} | {graph_ratio} | "
+                     f"{r.get('conditioning_ms', '')} | "
                      f"{r.get('reference_forward_s', '')} | {r['peak_gb']} |" + (f" error: {r['error']}" if "error" in r else ""))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

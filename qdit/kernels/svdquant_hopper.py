@@ -31,9 +31,9 @@ from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
 if triton is not None:
     import triton.language as tl
 
-_RNE = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds a float32 |v| < 2**22 to the nearest integer, ties to even
-
 if triton is not None:
+    # 1.5 * 2**23: (v + c) - c rounds a float32 |v| < 2**22 to the nearest integer, ties to even
+    _RNE = tl.constexpr(12582912.0)
 
     @triton.jit
     def _int4_act_quant_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, K, stride_xm,
@@ -49,13 +49,13 @@ if triton is not None:
         # Rounded to the model dtype after each op, as the reference (and Nunchaku) compute them.
         if UNSIGNED:
             x = (x.to(tl.float32) + SHIFT).to(x.dtype)
-        v = (x.to(tl.float32) / s.to(tl.float32)).to(x.dtype).to(tl.float32)
+        v = tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype).to(tl.float32)
         if UNSIGNED:
-            scale = tl.maximum(tl.max(v, axis=1), 0.0) / 15.0
+            scale = tl.math.div_rn(tl.maximum(tl.max(v, axis=1), 0.0), 15.0)
         else:
-            scale = tl.max(tl.abs(v), axis=1) / 7.0
+            scale = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 7.0)
         safe = tl.where(scale > 0, scale, 1.0)
-        r = (v / safe[:, None] + _RNE) - _RNE
+        r = (tl.math.div_rn(v, safe[:, None]) + _RNE) - _RNE  # IEEE division, as torch's
         if UNSIGNED:
             q = tl.minimum(tl.maximum(r, 0.0), 15.0)
         else:

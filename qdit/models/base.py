@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,13 @@ class ModelAdapter:
     # The diffusers pipeline class and the name of its classifier-free-guidance argument.
     pipeline_class: str = ""
     guidance_argument: str = "guidance_scale"
+    # Linears fed only the conditioning vector (timestep embedding, and for FLUX the pooled text and
+    # guidance): one row per image, whatever the resolution, so at batch 1 they are matrix-vector
+    # products that read their whole weight every step. `qdit bench` reports their share of a step.
+    conditioning_linears: str = r"(?!)"
+
+    def is_conditioning_linear(self, layer_name: str) -> bool:
+        return re.search(self.conditioning_linears, layer_name) is not None
 
     def model_class(self):
         import diffusers

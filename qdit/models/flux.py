@@ -60,4 +60,5 @@ ADAPTER = ModelAdapter(
     pipeline_class="FluxPipeline",
     guidance_argument="guidance_scale",
     block_lists=("transformer_blocks", "single_transformer_blocks"),
+    conditioning_linears=r"^((single_)?transformer_blocks\.\d+\.(norm1|norm1_context|norm)\.linear|norm_out\.linear)$",
 )

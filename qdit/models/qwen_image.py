@@ -58,4 +58,5 @@ ADAPTER = ModelAdapter(
     pipeline_class="QwenImagePipeline",
     guidance_argument="true_cfg_scale",
     block_lists=("transformer_blocks",),
+    conditioning_linears=r"^(transformer_blocks\.\d+\.(img_mod|txt_mod)\.1|norm_out\.linear)$",
 )

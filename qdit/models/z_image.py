@@ -47,4 +47,5 @@ ADAPTER = ModelAdapter(
     pipeline_class="ZImagePipeline",
     guidance_argument="guidance_scale",
     block_lists=("layers", "noise_refiner", "context_refiner"),
+    conditioning_linears=r"(^|\.)adaLN_modulation\.\d+$",
 )

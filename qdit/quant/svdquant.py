@@ -145,10 +145,18 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
 
 
+def _exact_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """The IEEE float32 quotient on every device. CUDA torch divides by a Python scalar as a multiply by
+    its rounded reciprocal, one ulp off at times; bf16 inputs then land exactly on .5 after the scale's
+    division often enough (0.1 % of codes) for that ulp to flip codes. float64 division rounded to
+    float32 is correctly rounded."""
+    return (x.double() / divisor).float()
+
+
 def int4_fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """Signed INT4 per 64-group: s = max|x| / 7, q = clamp(rint(x / s), -8, 7); returns q * s (float32)."""
     b = _groups(x.float(), INT4_GROUP)
-    s = b.abs().amax(dim=-1, keepdim=True) / 7
+    s = _exact_div(b.abs().amax(dim=-1, keepdim=True), 7)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.round(b / safe).clamp(-8, 7)
     return (q * s).reshape(x.shape)
@@ -157,7 +165,7 @@ def int4_fake_quantize(x: torch.Tensor) -> torch.Tensor:
 def uint4_fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """Unsigned INT4 per 64-group (GELU-shift layers): s = max(x) / 15, q = clamp(rint(x / s), 0, 15)."""
     b = _groups(x.float(), INT4_GROUP)
-    s = b.amax(dim=-1, keepdim=True).clamp(min=0) / 15
+    s = _exact_div(b.amax(dim=-1, keepdim=True).clamp(min=0), 15)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.round(b / safe).clamp(0, 15)
     return (q * s).reshape(x.shape)
