@@ -70,11 +70,12 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     """Format, quant_algo, scheme per Linear, excluded layers, bytes by dtype and parameter counts.
 
     A single .safetensors file is read as a merged Nunchaku checkpoint (its header metadata says so,
-    or the error says what was found instead).
+    or the error says what was found instead), and a folder with Nunchaku's legacy
+    transformer_blocks.safetensors / unquantized_layers.safetensors as that older layout.
     """
-    if os.path.isfile(path):
-        from qdit.tools.convert_nunchaku import inspect_nunchaku_file
+    from qdit.tools.convert_nunchaku import inspect_nunchaku_file, is_legacy_nunchaku_folder
 
+    if os.path.isfile(path) or is_legacy_nunchaku_folder(path):
         return inspect_nunchaku_file(path)
     ckpt = open_checkpoint(path)
     adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))

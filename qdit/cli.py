@@ -29,7 +29,10 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']}")
-    print(f"  model        {info['model']} ({info['class_name']})")
+    if info["model"] is None:
+        print("  model        unknown: the checkpoint has no transformer config")
+    else:
+        print(f"  model        {info['model']} ({info['class_name']})")
     print(f"  format       {info['format']}" + (f" / {info['quant_algo']}" if info["quant_algo"] else ""))
     if info["producer"]:
         print(f"  producer     {info['producer'].get('name')} {info['producer'].get('version')}")
@@ -68,7 +71,7 @@ def cmd_quantize(args) -> int:
 def cmd_convert_nunchaku(args) -> int:
     from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint
 
-    dst = convert_nunchaku_checkpoint(args.src, args.dst)
+    dst = convert_nunchaku_checkpoint(args.src, args.dst, base=args.base)
     print(f"wrote {dst}")
     return 0
 
@@ -189,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert another producer's checkpoint to a qdit-readable folder")
     source = p.add_subparsers(dest="source", required=True)
-    p = source.add_parser("nunchaku", help="a merged Nunchaku SVDQuant file -> diffusers folder, canonical layout")
-    p.add_argument("src", help="the svdq-{int4|fp4}_r*-<model>.safetensors file")
+    p = source.add_parser("nunchaku", help="a Nunchaku SVDQuant checkpoint -> diffusers folder, canonical layout")
+    p.add_argument("src", help="the merged svdq-{int4|fp4}_r*-<model>.safetensors file, or the older folder holding "
+                               "transformer_blocks.safetensors and unquantized_layers.safetensors")
     p.add_argument("dst", help="output transformer folder (new or empty)")
+    p.add_argument("--base", default=None, metavar="CONFIG_OR_PIPELINE",
+                   help="the diffusers transformer config: a config.json, a transformer folder, or a pipeline "
+                        "folder (model_index.json + transformer/config.json). Needed when SRC has no config in "
+                        "its header (most legacy folders); when SRC has one, --base wins")
     p.set_defaults(func=cmd_convert_nunchaku)
 
     from qdit.config import QUANTIZE_CHOICES

@@ -9,8 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qdit
+from qdit.api import random_transformer
 from qdit.cli import main
 from qdit.models import adapter_by_name
+from qdit.tools.convert_nunchaku import convert_nunchaku_checkpoint
+
+from tests.helpers.nunchaku_models import CLASS_NAMES, CONFIGS, nunchaku_state_dict, write_merged_file
 
 import deepcompressor.backend.nunchaku.utils as nunchaku_utils  # noqa: E402 (installed by .ci/run, --no-deps)
 
@@ -123,13 +127,12 @@ def test_precision_disagreeing_with_tensors(merged_int4, tmp_path, capsys):
     assert "wscales dtype does not match the precision" in err and f"file: {src}" in err
 
 
-def test_legacy_folder_and_nonempty_output(merged_int4, tmp_path, capsys):
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    (legacy / "transformer_blocks.safetensors").write_bytes(b"")
-    assert "two-file" in _fails(capsys, "convert", "nunchaku", str(legacy), str(tmp_path / "o"))
+def test_nonempty_output(merged_int4, tmp_path, capsys):
     src, _ = merged_int4
-    assert "not an empty folder" in _fails(capsys, "convert", "nunchaku", str(src), str(legacy))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_bytes(b"")
+    assert "not an empty folder" in _fails(capsys, "convert", "nunchaku", str(src), str(full))
 
 
 def test_convert_nvfp4(tmp_path, capsys):
@@ -169,3 +172,153 @@ def test_inspect_nunchaku_file(merged_int4, tmp_path, capsys):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
     assert "not a Nunchaku checkpoint" in _fails(capsys, "inspect", str(plain))
+
+
+# ------------------------------------------------------------------------------------------------
+# The older two-file folder (transformer_blocks.safetensors + unquantized_layers.safetensors) and --base
+# ------------------------------------------------------------------------------------------------
+
+BLOCKS, UNQUANTIZED = "transformer_blocks.safetensors", "unquantized_layers.safetensors"
+
+
+def tiny_state(precision, rank=16):
+    bf16 = random_transformer("qwen-image", config=CONFIGS["qwen-image"], dtype=DTYPE, seed=2)
+    return nunchaku_state_dict("qwen-image", bf16.state_dict(), precision, rank)
+
+
+def write_legacy(folder, state, *, metadata=None, shared=("img_in.weight",)):
+    """The repeated blocks into transformer_blocks.safetensors, the rest into unquantized_layers.safetensors
+    (no header config); the `shared` tensors are stored in both files."""
+    folder.mkdir()
+    blocks = {k: v.contiguous() for k, v in state.items() if k.startswith("transformer_blocks.")}
+    rest = {k: v.contiguous() for k, v in state.items() if k not in blocks}
+    blocks.update({k: state[k].contiguous() for k in shared})
+    save_file(blocks, str(folder / BLOCKS), metadata=metadata)
+    save_file(rest, str(folder / UNQUANTIZED))
+    return folder
+
+
+def transformer_config():
+    return dict(CONFIGS["qwen-image"], _class_name=CLASS_NAMES["qwen-image"])
+
+
+def write_base(tmp_path, kind):
+    """--base as a config.json file, a transformer folder or a pipeline folder."""
+    folder = tmp_path / "base" / ("transformer" if kind == "pipeline" else "")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(transformer_config()))
+    if kind == "pipeline":
+        (tmp_path / "base" / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    return {"file": folder / "config.json", "transformer-folder": folder, "pipeline": tmp_path / "base"}[kind]
+
+
+def read_output(folder):
+    config = json.loads((folder / "config.json").read_text())
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors")), config, config.pop("quantization_config")
+
+
+@pytest.mark.parametrize("precision,base_kind", [("int4", "file"), ("nvfp4", "file"), ("int4", "pipeline"),
+                                                 ("int4", "transformer-folder")])
+def test_legacy_folder_converts_like_the_merged_file(tmp_path, capsys, precision, base_kind):
+    state = tiny_state(precision)
+    merged = write_merged_file(tmp_path / "merged.safetensors", "qwen-image", state, precision, 16)
+    from_merged = read_output(convert_nunchaku_checkpoint(merged, tmp_path / "from-merged"))
+    legacy = write_legacy(tmp_path / "legacy", state)
+    base = write_base(tmp_path, base_kind)
+    assert main(["convert", "nunchaku", str(legacy), str(tmp_path / "out"), "--base", str(base)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    tensors, config, qc = read_output(tmp_path / "out")
+
+    assert tensors.keys() == from_merged[0].keys()
+    for name, t in from_merged[0].items():
+        assert tensors[name].dtype == t.dtype and tensors[name].shape == t.shape, name
+        assert torch.equal(tensors[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    assert config == from_merged[1]
+    source, merged_source = qc.pop("source"), from_merged[2].pop("source")
+    assert qc == from_merged[2] and (qc["precision"], qc["rank"]) == (precision, 16)
+    assert merged_source["layout"] == "merged file" and not merged_source["precision_inferred"]
+    assert source["layout"] == "legacy two-file folder" and source["files"] == [BLOCKS, UNQUANTIZED]
+    assert source["precision_inferred"] and source["quantization_config"] is None
+    config_file = tmp_path / "base" / ("transformer" if base_kind == "pipeline" else "") / "config.json"
+    assert source["config"] == f"{config_file} (--base)"
+
+
+def test_legacy_folder_header_quantization_config_is_used(tmp_path):
+    state = tiny_state("int4")
+    header_qc = quantization_config(rank=16)
+    legacy = write_legacy(tmp_path / "legacy", state, metadata={"quantization_config": json.dumps(header_qc)})
+    out = convert_nunchaku_checkpoint(legacy, tmp_path / "out", base=write_base(tmp_path, "file"))
+    source = read_output(out)[2]["source"]
+    assert not source["precision_inferred"] and source["quantization_config"] == header_qc
+
+
+def test_base_wins_over_the_header_config(merged_int4, tmp_path):
+    src, _ = merged_int4
+    config = dict(transformer_config(), num_layers=7)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = convert_nunchaku_checkpoint(src, tmp_path / "out", base=tmp_path / "config.json")
+    written = read_output(out)[1]
+    assert written == config
+
+
+def test_legacy_folder_without_base(tmp_path, capsys):
+    legacy = write_legacy(tmp_path / "legacy", tiny_state("int4"))
+    err = _fails(capsys, "convert", "nunchaku", str(legacy), str(tmp_path / "o"))
+    assert "no transformer config" in err and f"file: {legacy}" in err
+    assert "pass --base <transformer config.json or pipeline folder>" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_legacy_folder_missing_a_file(tmp_path, capsys):
+    legacy = write_legacy(tmp_path / "legacy", tiny_state("int4"))
+    (legacy / UNQUANTIZED).unlink()
+    err = _fails(capsys, "convert", "nunchaku", str(legacy), str(tmp_path / "o"), "--base", str(tmp_path))
+    assert "incomplete legacy two-file Nunchaku folder" in err
+    assert f"expected: {BLOCKS} and {UNQUANTIZED}" in err and f"found: {BLOCKS}" in err
+
+
+@pytest.mark.parametrize("change", ["values", "shape"])
+def test_legacy_folder_conflicting_duplicate(tmp_path, capsys, change):
+    state = tiny_state("int4")
+    legacy = write_legacy(tmp_path / "legacy", state, shared=())
+    blocks = load_file(str(legacy / BLOCKS))
+    w = state["img_in.weight"]
+    blocks["img_in.weight"] = w + 1 if change == "values" else w[:, :-1].contiguous()
+    save_file(blocks, str(legacy / BLOCKS))
+    err = _fails(capsys, "convert", "nunchaku", str(legacy), str(tmp_path / "o"),
+                 "--base", str(write_base(tmp_path, "file")))
+    assert "stored in both files of the legacy folder with different contents" in err
+    assert f"file: {legacy / BLOCKS} and {legacy / UNQUANTIZED}" in err and "tensor: img_in.weight" in err
+    assert ("different values" if change == "values" else "[128, 63]") in err
+
+
+def test_legacy_folder_rank_mismatch_across_layers(tmp_path, capsys):
+    state = tiny_state("int4")
+    p = "transformer_blocks.1.attn.to_out.0"
+    k, n = state[f"{p}.proj_down"].shape[0], state[f"{p}.proj_up"].shape[0]
+    state[f"{p}.proj_down"], state[f"{p}.proj_up"] = torch.zeros(k, 32, dtype=DTYPE), torch.zeros(n, 32, dtype=DTYPE)
+    legacy = write_legacy(tmp_path / "legacy", state)
+    err = _fails(capsys, "convert", "nunchaku", str(legacy), str(tmp_path / "o"),
+                 "--base", str(write_base(tmp_path, "pipeline")))
+    assert "the layers' low-rank ranks differ" in err and f"tensor: {p}.proj_down" in err and "found: 32" in err
+    assert f"file: {legacy / BLOCKS}" in err
+
+
+def test_bad_base(merged_int4, tmp_path, capsys):
+    src, _ = merged_int4
+    (tmp_path / "empty").mkdir()
+    err = _fails(capsys, "convert", "nunchaku", str(src), str(tmp_path / "o"), "--base", str(tmp_path / "empty"))
+    assert "neither a transformer folder nor a diffusers pipeline folder" in err and "pass --base" in err
+
+
+def test_inspect_legacy_folder(tmp_path, capsys):
+    legacy = write_legacy(tmp_path / "legacy", tiny_state("nvfp4"))
+    info = qdit.inspect(legacy)
+    assert info["format"] == "nunchaku" and info["model"] is None
+    assert info["quant_algo"] == "SVDQuant W4A4 nvfp4 (group 16, rank 16; inferred from the tensors)"
+    assert info["files"] == [str(legacy / BLOCKS), str(legacy / UNQUANTIZED)]
+    assert info["layers"]["transformer_blocks.0.attn.to_qkv"] == "svdq_nvfp4+r16"
+    assert info["layers"]["transformer_blocks.0.img_mod.1"] == "awq_w4a16"
+    assert info["layers"]["img_in"] == "bf16"
+    assert main(["inspect", str(legacy)]) == 0
+    assert "unknown: the checkpoint has no transformer config" in capsys.readouterr().out
