@@ -1,6 +1,7 @@
-"""FP8 backend for Ada/Hopper/Blackwell: one Triton pass quantizes the activation, cuBLASLt FP8 GEMM
-(torch._scaled_mm) multiplies. Both are torch custom ops with fake implementations, so a transformer
-block compiles with torch.compile(fullgraph=True) without graph breaks.
+"""FP8 backend for Ada/Hopper/Blackwell: the activation is quantized by one Triton pass (eager) or by
+ops inductor fuses into the producing kernel (compiled); cuBLASLt's FP8 GEMM (torch._scaled_mm)
+multiplies. The Triton passes are torch custom ops with fake implementations, so a transformer block
+compiles with torch.compile(fullgraph=True) without graph breaks.
 
 Math is the reference backend's (qdit.kernels.reference), up to the GEMM's accumulation order:
   FP8, static:   xq = e4m3_sat(x / input_scale);   y = (xq @ Wq^T) * input_scale * weight_scale + b
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.registry import YES, Verdict
+from qdit.quant import numerics
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
 try:
@@ -86,6 +88,18 @@ def _(x, scale):
     return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
 
 
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token E4M3 codes and float32 scales [M, 1] of x [M, K]. Under torch.compile: the reference's
+    tensor ops, which inductor fuses into the kernel that produced x (norm + modulation, GELU, smoothing), so
+    the activation is not read again; eager: one Triton pass."""
+    return numerics.fp8_quantize_per_token(x) if torch.compiler.is_compiling() else fp8_quant_per_token(x)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes of x / scale (a calibrated per-tensor scale); fused like quantize_per_token."""
+    return numerics.fp8_quantize_static(x, scale) if torch.compiler.is_compiling() else fp8_quant_static(x, scale)
+
+
 def fp8_gpu_verdict(device: torch.device) -> Verdict:
     """Whether a device can run Triton kernels and FP8 tensor-core GEMMs (Ada, Hopper, Blackwell)."""
     if device.type != "cuda":
@@ -126,11 +140,11 @@ class FP8ScaledMMBackend:
         w_scale = layer.tensor("weight_scale")
         if lq.scheme is Scheme.FP8 and lq.activation_scale is ActivationScale.STATIC:
             input_scale = layer.tensor("input_scale")
-            xq = fp8_quant_static(x2d, input_scale)
+            xq = quantize_static(x2d, input_scale)
             y = torch._scaled_mm(xq, w_t, scale_a=input_scale, scale_b=w_scale, out_dtype=x.dtype,
                                  bias=layer.bias)
         else:
-            xq, token_scale = fp8_quant_per_token(x2d)
+            xq, token_scale = quantize_per_token(x2d)
             y = torch._scaled_mm(xq, w_t, scale_a=token_scale, scale_b=layer.fp8_weight_scale_row, out_dtype=x.dtype)
             if layer.bias is not None:
                 y = y + layer.bias
