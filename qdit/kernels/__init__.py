@@ -8,10 +8,7 @@ from qdit.kernels.registry import BackendSelector, backend_by_name, backends, re
 
 register_backend(FP8ScaledMMBackend())
 register_backend(NVFP4HopperBackend())
-# Written without a GPU at hand in its session: automatic once tests/kernels/test_svdquant_hopper_gpu.py
-# has passed on a Hopper GPU (see the README's GPU test record).
-register_backend(SVDQuantHopperBackend(), opt_in_reason="its GPU tests have not been run yet; force it with "
-                 "backend='svdq-hopper' to try it")
+register_backend(SVDQuantHopperBackend())
 register_backend(ReferenceBackend())
 
 __all__ = ["BackendSelector", "backend_by_name", "backends", "register_backend"]

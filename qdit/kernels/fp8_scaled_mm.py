@@ -90,8 +90,8 @@ def _(x, scale):
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token E4M3 codes and float32 scales [M, 1] of x [M, K]. Under torch.compile: the reference's
-    tensor ops, which inductor fuses into the kernel that produced x (norm + modulation, GELU, smoothing), so
-    the activation is not read again; eager: one Triton pass."""
+    tensor ops, which inductor fuses into the kernel that produced x (norm + modulation, GELU), so the
+    activation is not read again; eager: one Triton pass."""
     return numerics.fp8_quantize_per_token(x) if torch.compiler.is_compiling() else fp8_quant_per_token(x)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -203,7 +203,7 @@ class NVFP4HopperBackend:
         if x2d.shape[0] <= SMALL_M:
             y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale, layer.bias)
         else:
-            xq, token_scale = quantize_per_token(xs)
+            xq, token_scale = fp8_quant_per_token(xs)
             w8 = nvfp4_expand_fp8(weight, block_scale, layer.w4a8_row_factor)
             y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=x.dtype)
             if layer.bias is not None:

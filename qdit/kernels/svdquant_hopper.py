@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
 from qdit.kernels.nvfp4_hopper import SMALL_M, nvfp4_expand_fp8, nvfp4_w4a16_gemm, split_k_plan
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
@@ -259,7 +259,7 @@ class SVDQuantHopperBackend:
             if layer.w4a16_channel_scale is not None:
                 y = y * layer.w4a16_channel_scale
         else:
-            xq, token_scale = quantize_per_token(xs)
+            xq, token_scale = fp8_quant_per_token(xs)
             w8 = nvfp4_expand_fp8(qweight, wscales, layer.w4a8_row_factor)
             y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=x.dtype)
         if layer.bias is not None:
