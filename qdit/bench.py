@@ -219,7 +219,7 @@ def run_one(args, height: int, width: int, batch: int) -> None:
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "qdit": qdit.__version__,
         "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
-        "command": "qdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("qdit") else " ".join(sys.argv), "model": args.model, "height": args.height, "width": args.width,
+        "command": "qdit " + " ".join(sys.argv[1:]),  # `python -m qdit.cli` runs the same CLI "model": args.model, "height": args.height, "width": args.width,
         "batch": args.batch, "text_tokens": args.text_tokens, "compile_mode": args.compile_mode or "default", "weights": "random (seeded), full-size config",
     }
     out = Path(args.out)
