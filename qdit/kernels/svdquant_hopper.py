@@ -67,45 +67,52 @@ if triton is not None:
         tl.store(q_ptr + m * K + half + 32, odd, mask=gmask[:, None])
         tl.store(s_ptr + offs_g * M + m, scale, mask=gmask)
 
+    # The decoded weight is the MMA's A operand, which Hopper's wgmma reads from registers; the int8
+    # activation codes (B) stream through shared memory. The tile is computed transposed: [N, M].
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=st)
+                 for bn, bm, w, st in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),
+                                       (256, 128, 8, 3))],
+        key=["M", "N", "K"])
     @triton.jit
     def _int4_gemm_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, la_ptr, up_ptr, out_ptr, M, N, K, groups,
                           HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
         # Grouped ordering: neighbouring programs share weight tiles in L2.
         n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * n_n
-        first_m = (pid // width) * GROUP_M
-        rows = tl.minimum(n_m - first_m, GROUP_M)
+        width = 8 * n_n  # 8 M tiles per group
+        first_m = (pid // width) * 8
+        rows = tl.minimum(n_m - first_m, 8)
         pid_m = first_m + (pid % width) % rows
         pid_n = (pid % width) // rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = offs_m < M, offs_n < N
         offs_j = tl.arange(0, 32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(0, groups):
-            xa = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + offs_j[None, :], mask=mmask[:, None], other=0)
-            xb = tl.load(q_ptr + offs_m[:, None] * K + g * 64 + 32 + offs_j[None, :], mask=mmask[:, None], other=0)
             packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
                              other=0).to(tl.int32)
             lo, hi = packed & 15, packed >> 4
             w_even = (lo - ((lo & 8) << 1)).to(tl.int8)  # two's-complement nibble -> -8..7
             w_odd = (hi - ((hi & 8) << 1)).to(tl.int8)
-            part = tl.dot(xa, tl.trans(w_even), out_dtype=tl.int32)
-            part = tl.dot(xb, tl.trans(w_odd), part, out_dtype=tl.int32)
-            sx = tl.load(sx_ptr + g * M + offs_m, mask=mmask, other=0.0)
+            xa = tl.load(q_ptr + offs_m[None, :] * K + g * 64 + offs_j[:, None], mask=mmask[None, :], other=0)
+            xb = tl.load(q_ptr + offs_m[None, :] * K + g * 64 + 32 + offs_j[:, None], mask=mmask[None, :], other=0)
+            part = tl.dot(w_even, xa, out_dtype=tl.int32)
+            part = tl.dot(w_odd, xb, part, out_dtype=tl.int32)
             sw = tl.load(sw_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)
-            acc += part.to(tl.float32) * sx[:, None] * sw[None, :]
+            sx = tl.load(sx_ptr + g * M + offs_m, mask=mmask, other=0.0)
+            acc += part.to(tl.float32) * sw[:, None] * sx[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
         offs_r = tl.arange(0, 16)
         for r0 in range(0, RANK, 16):  # low-rank up-projection, bf16 MMA
-            la = tl.load(la_ptr + offs_m[:, None] * RANK + r0 + offs_r[None, :], mask=mmask[:, None], other=0.0)
             up = tl.load(up_ptr + offs_n[:, None] * RANK + r0 + offs_r[None, :], mask=nmask[:, None], other=0.0)
-            acc = tl.dot(la, tl.trans(up), acc)
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+            la = tl.load(la_ptr + offs_m[None, :] * RANK + r0 + offs_r[:, None], mask=mmask[None, :], other=0.0)
+            acc = tl.dot(up, la, acc)
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & mmask[None, :])
 
     @triton.jit
     def _awq_w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
@@ -165,11 +172,11 @@ def svdq_int4_gemm(q: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tens
     n = qweight.shape[0]
     out = torch.empty((m, n), dtype=lora_act.dtype, device=q.device)
     if m:
-        block_m, warps = (64, 4) if m <= 64 else (128, 8)
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, 128),)
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
         _int4_gemm_kernel[grid](q, act_scale, qweight, wscales, bias, lora_act, proj_up, out, m, n, k, k // INT4_GROUP,
-                                HAS_BIAS=bias is not None, RANK=proj_up.shape[1], BLOCK_M=block_m, BLOCK_N=128,
-                                GROUP_M=8, num_warps=warps, num_stages=4)
+                                HAS_BIAS=bias is not None, RANK=proj_up.shape[1])
     return out
 
 
