@@ -45,17 +45,12 @@ class KernelBackend(Protocol):
 
 
 _BACKENDS: list[KernelBackend] = []
-_OPT_IN: dict[str, str] = {}  # backend name -> why it is used only when asked for by name
 
 
-def register_backend(backend: KernelBackend, *, opt_in_reason: str | None = None) -> None:
-    """opt_in_reason: the backend is chosen only when forced (config, --backend, QDIT_BACKEND), e.g. until
-    its GPU tests have passed; automatic selection reports the reason among the refusals."""
+def register_backend(backend: KernelBackend) -> None:
     if any(b.name == backend.name for b in _BACKENDS):
         raise ValueError(f"a kernel backend named {backend.name!r} is already registered")
     _BACKENDS.append(backend)
-    if opt_in_reason is not None:
-        _OPT_IN[backend.name] = opt_in_reason
 
 
 def backends() -> list[KernelBackend]:
@@ -98,8 +93,6 @@ class BackendSelector:
         refusals = []
         for backend in backends():
             verdict = backend.supports_device(self.device)
-            if verdict.ok and backend.name in _OPT_IN:
-                verdict = Verdict(False, f"opt-in only ({_OPT_IN[backend.name]})")
             if verdict.ok:
                 verdict = backend.can_implement(layer_quant, in_features, out_features)
             if verdict.ok:

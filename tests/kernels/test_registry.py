@@ -46,7 +46,6 @@ class StubBackend:
 def isolated_registry(monkeypatch):
     """The registry's module-level list, copied: backends registered in a test vanish afterwards."""
     monkeypatch.setattr(registry, "_BACKENDS", list(registry._BACKENDS))
-    monkeypatch.setattr(registry, "_OPT_IN", dict(registry._OPT_IN))
     return registry
 
 
@@ -213,14 +212,3 @@ def test_no_backend_at_all(isolated_registry):
     with pytest.raises(BackendUnavailableError, match="no kernel backend computes layer x.to_q") as exc:
         BackendSelector(torch.device("cpu")).select("x.to_q", NVFP4, 64, 64)
     assert "zz-a: reason A" in str(exc.value) and "zz-b: reason B" in str(exc.value)
-
-
-def test_opt_in_backend_is_used_only_when_forced(isolated_registry):
-    from qdit.quant.scheme import LayerQuant, Scheme
-
-    fp8 = LayerQuant(Scheme.FP8)
-    registry.register_backend(StubBackend("aa-opt-in", accepts=(Scheme.FP8,)), opt_in_reason="untested here")
-    auto = BackendSelector(torch.device("cpu"))
-    assert auto.select("blocks.0.attn.to_q", fp8, 64, 64).name == "reference"
-    forced = BackendSelector(torch.device("cpu"), forced="aa-opt-in")
-    assert forced.select("blocks.0.attn.to_q", fp8, 64, 64).name == "aa-opt-in"
