@@ -165,6 +165,37 @@ def _(x, weight, block_scale, global_scale, bias):
     return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
+def prepare_nvfp4_routes(layer, tensor_scale: torch.Tensor, channel_scale: torch.Tensor | None = None) -> None:
+    """Buffers of both routes for a layer whose weight is e2m1 * block_scale * tensor_scale [* channel_scale[n]]:
+    the per-row FP8 scale of the dequantized weight and the factor mapping block-scaled codes onto it."""
+    row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
+    row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
+    channel = torch.ones_like(row_amax) if channel_scale is None else channel_scale.float()
+    layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
+    layer.register_buffer("w4a8_row_factor", (tensor_scale * channel / row_scale).contiguous(), persistent=False)
+    layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
+    layer.register_buffer("w4a16_channel_scale", None if channel_scale is None else channel.to(layer.compute_dtype),
+                          persistent=False)
+
+
+def nvfp4_routes(layer, xs: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """xs [M, K] (smoothed) times the NVFP4 weight, plus the layer's bias: W4A16 for M <= SMALL_M, else
+    W4A8. Uses the buffers of prepare_nvfp4_routes."""
+    channel = layer.w4a16_channel_scale
+    if xs.shape[0] <= SMALL_M:
+        # The bias goes in the GEMM unless a per-channel scale must be applied to the product first.
+        y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale,
+                             layer.bias if channel is None else None)
+        if channel is None:
+            return y
+        y = y * channel
+    else:
+        xq, token_scale = fp8_quant_per_token(xs)
+        w8 = nvfp4_expand_fp8(weight, block_scale, layer.w4a8_row_factor)
+        y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
+    return y + layer.bias if layer.bias is not None else y
+
+
 class NVFP4HopperBackend:
     name = "nvfp4-hopper"
 
@@ -179,13 +210,7 @@ class NVFP4HopperBackend:
         return YES
 
     def prepare(self, layer) -> None:
-        # Per-row FP8 scale of the dequantized weight, and the factor that maps block-scaled codes onto it.
-        g = layer.tensor("weight_scale_2").float()
-        row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
-        row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
-        layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
-        layer.register_buffer("w4a8_row_factor", (g / row_scale).contiguous(), persistent=False)
-        layer.register_buffer("w4a16_global_scale", g.reshape(1).contiguous(), persistent=False)
+        prepare_nvfp4_routes(layer, layer.tensor("weight_scale_2").float())
         smooth = layer.tensor("pre_quant_scale").float() if layer.layer_quant.pre_quant_scale else None
         layer.register_buffer("smooth", None if smooth is None else smooth.to(layer.compute_dtype), persistent=False)
         if layer.layer_quant.lora_rank:
@@ -199,15 +224,7 @@ class NVFP4HopperBackend:
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
-        weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
-        if x2d.shape[0] <= SMALL_M:
-            y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale, layer.bias)
-        else:
-            xq, token_scale = fp8_quant_per_token(xs)
-            w8 = nvfp4_expand_fp8(weight, block_scale, layer.w4a8_row_factor)
-            y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=x.dtype)
-            if layer.bias is not None:
-                y = y + layer.bias
+        y = nvfp4_routes(layer, xs, layer.tensor("weight"), layer.tensor("weight_scale"))
         if layer.layer_quant.lora_rank:
             y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
-from qdit.kernels.nvfp4_hopper import SMALL_M, nvfp4_expand_fp8, nvfp4_w4a16_gemm, split_k_plan
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
+from qdit.kernels.nvfp4_hopper import nvfp4_routes, prepare_nvfp4_routes, split_k_plan
 from qdit.kernels.registry import YES, Verdict
-from qdit.quant import numerics
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
 
@@ -233,14 +232,9 @@ class SVDQuantHopperBackend:
         if lq.scheme is Scheme.SVDQ_INT4:
             return
         # NVFP4: weight = e2m1 * wscales * wtscale * wcscales[n]; the input is divided by smooth_factor.
-        row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
-        row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
-        tensor_scale = layer.tensor("wtscale").float() if lq.wtscale else torch.ones((), device=row_amax.device)
-        channel = layer.tensor("wcscales").float() if lq.wcscales else torch.ones_like(row_amax)
-        layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
-        layer.register_buffer("w4a8_row_factor", (tensor_scale * channel / row_scale).contiguous(), persistent=False)
-        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
-        layer.register_buffer("w4a16_channel_scale", channel.to(dtype) if lq.wcscales else None, persistent=False)
+        device = layer.tensor("qweight").device
+        tensor_scale = layer.tensor("wtscale").float() if lq.wtscale else torch.ones((), device=device)
+        prepare_nvfp4_routes(layer, tensor_scale, layer.tensor("wcscales") if lq.wcscales else None)
         layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
                               persistent=False)
 
@@ -259,17 +253,6 @@ class SVDQuantHopperBackend:
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        xs = x2d * layer.inverse_smooth
-        qweight, wscales = layer.tensor("qweight"), layer.tensor("wscales")
-        if x2d.shape[0] <= SMALL_M:
-            y = nvfp4_w4a16_gemm(xs, qweight, wscales, layer.w4a16_global_scale, None)
-            if layer.w4a16_channel_scale is not None:
-                y = y * layer.w4a16_channel_scale
-        else:
-            xq, token_scale = fp8_quant_per_token(xs)
-            w8 = nvfp4_expand_fp8(qweight, wscales, layer.w4a8_row_factor)
-            y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=x.dtype)
-        if layer.bias is not None:
-            y = y + layer.bias
+        y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"))
         y = y + lora_act @ layer.tensor("proj_up").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])
