@@ -92,7 +92,7 @@ def resolve_transformer_folder(path: str | os.PathLike) -> Path:
     return p
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -160,7 +160,7 @@ def _weight_files(folder: Path) -> list[Path]:
         raise CheckpointError("more than one safetensors index in the folder", file=str(folder),
                               found=", ".join(p.name for p in indexes), hint="keep one checkpoint per folder")
     if indexes:
-        index = _read_json(indexes[0])
+        index = read_json(indexes[0])
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError("safetensors index has no weight_map", file=str(indexes[0]))
@@ -187,9 +187,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not config_file.is_file():
         raise CheckpointError("transformer folder has no config.json", file=str(folder),
                               hint="qdit needs the diffusers config.json written beside the weights")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     sidecar_file = folder / "hf_quant_config.json"
-    sidecar = _read_json(sidecar_file) if sidecar_file.is_file() else None
+    sidecar = read_json(sidecar_file) if sidecar_file.is_file() else None
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[Path, dict[str, str]] = {}
     for f in _weight_files(folder):

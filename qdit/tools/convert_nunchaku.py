@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qdit.errors import CheckpointError, QditError, UnsupportedFormatError
-from qdit.formats.checkpoint import TensorInfo, read_safetensors_header
+from qdit.formats.checkpoint import TensorInfo, read_json, read_safetensors_header, resolve_transformer_folder
 from qdit.formats.nunchaku import PRECISIONS, convert_nunchaku_tensors
 from qdit.models import adapter_for_class
 
@@ -259,26 +259,13 @@ def read_base_config(base: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """The diffusers transformer config from a config.json, a transformer folder holding one, or a
     pipeline folder (model_index.json and transformer/config.json)."""
     base = Path(base)
-    if base.is_dir():
-        if (base / "model_index.json").is_file() and (base / "transformer" / "config.json").is_file():
-            path = base / "transformer" / "config.json"
-        elif (base / "config.json").is_file():
-            path = base / "config.json"
-        else:
-            raise CheckpointError("--base is neither a transformer folder nor a diffusers pipeline folder",
-                                  file=str(base),
-                                  expected="config.json, or model_index.json and transformer/config.json",
-                                  found=", ".join(sorted(p.name for p in base.iterdir())) or "an empty folder",
-                                  hint=BASE_HINT)
-    elif base.is_file():
-        path = base
-    else:
-        raise CheckpointError("--base does not exist", file=str(base), hint=BASE_HINT)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError("--base config cannot be read", file=str(path), found=str(e), hint=BASE_HINT) from e
-    return _parse_json_object(raw, "the --base config", path), path
+    path = base if base.is_file() else resolve_transformer_folder(base) / "config.json"
+    if not path.is_file():
+        raise CheckpointError("--base is neither a transformer folder nor a diffusers pipeline folder",
+                              file=str(base), expected="config.json, or model_index.json and transformer/config.json",
+                              found=", ".join(sorted(p.name for p in base.iterdir())) or "an empty folder",
+                              hint=BASE_HINT)
+    return read_json(path), path
 
 
 def resolve_config(source: NunchakuSource, base: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
