@@ -215,13 +215,24 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         rows.append(row)
         del model, inputs
 
-    base = next((r for r in rows if r["format"] == "bf16"), None)
-    meta = {
+    write_results(args, rows, run_meta(args))
+
+
+def run_meta(args) -> dict:
+    """What a results file names besides its rows: GPU, versions, command, shapes."""
+    return {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "qdit": qdit.__version__,
         "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
-        "command": "qdit " + " ".join(sys.argv[1:]),  # `python -m qdit.cli` runs the same CLI "model": args.model, "height": args.height, "width": args.width,
-        "batch": args.batch, "text_tokens": args.text_tokens, "compile_mode": args.compile_mode or "default", "weights": "random (seeded), full-size config",
+        "command": "qdit " + " ".join(sys.argv[1:]),  # `python -m qdit.cli` runs the same CLI
+        "model": args.model, "height": args.height, "width": args.width, "batch": args.batch,
+        "text_tokens": args.text_tokens, "compile_mode": args.compile_mode or "default",
+        "weights": "random (seeded), full-size config",
     }
+
+
+def write_results(args, rows: list[dict], meta: dict) -> None:
+    """<out>/<model>-<H>x<W>-b<batch>.json and .md; ratios are against the bf16 row of the same run."""
+    base = next((r for r in rows if r["format"] == "bf16"), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model}-{args.height}x{args.width}-b{args.batch}" + (f"-{args.compile_mode}" if args.compile_mode else "")

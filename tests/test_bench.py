@@ -1,0 +1,26 @@
+"""`qdit bench`'s results files (the timing itself needs a GPU; these are the parts that do not)."""
+
+import argparse
+import json
+
+from qdit import bench
+
+
+def test_results_name_the_run_and_compare_within_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "Test GPU")
+    monkeypatch.setattr(bench.sys, "argv", ["qdit", "bench", "--model", "qwen-image"])
+    args = argparse.Namespace(model="qwen-image", height=1024, width=1024, batch=1, text_tokens=256,
+                              compile_mode="", out=str(tmp_path))
+    rows = [{"format": "bf16", "backends": {}, "load_s": 1.0, "weight_gb": 40.0, "compiled_ms": 140.0,
+             "compiled_graph_ms": 136.0, "conditioning_ms": 3.7, "peak_gb": 41.0},
+            {"format": "fp8_static", "backends": {"fp8-scaled-mm": 784}, "load_s": 2.0, "weight_gb": 21.0,
+             "compiled_ms": 112.0, "compiled_graph_ms": 102.0, "conditioning_ms": 2.4, "peak_gb": 22.0}]
+    bench.write_results(args, rows, bench.run_meta(args))
+    meta = json.loads((tmp_path / "qwen-image-1024x1024-b1.json").read_text())["meta"]
+    assert {k: meta[k] for k in ("gpu", "command", "model", "height", "width", "batch", "compile_mode")} == {
+        "gpu": "Test GPU", "command": "qdit bench --model qwen-image", "model": "qwen-image", "height": 1024,
+        "width": 1024, "batch": 1, "compile_mode": "default"}
+    table = (tmp_path / "qwen-image-1024x1024-b1.md").read_text()
+    assert "GPU: Test GPU" in table and "Command: `qdit bench --model qwen-image`" in table
+    fp8 = next(line for line in table.splitlines() if line.startswith("| fp8_static"))
+    assert "| 0.80x | 0.75x | 2.4 |" in fp8
