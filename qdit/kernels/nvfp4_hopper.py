@@ -1,10 +1,10 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
 Weights stay packed 4-bit in GPU memory. Two routes, chosen per call by the number of tokens M:
-- M <= SMALL_M (timestep-only layers, tiny batches): a Triton W4A16 GEMM that decodes the FP4 codes
-  and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3 products are exact in
-  bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
-- larger M: W4A8. One Triton pass expands the layer's weight into a reused FP8 scratch tile with a
+- M <= SMALL_M (timestep-only layers, tiny batches): W4A16, a split-K Triton GEMV on the CUDA cores
+  that decodes the FP4 codes in its main loop, sums each 16-group's products in float32 and scales the
+  sum once by its block scale. The weight is exactly the NVFP4 weight; activations are not quantized.
+- larger M: W4A8. One Triton pass expands the layer's weight into an FP8 scratch tensor with a
   per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
   quantizes activations to FP8 per token (smoothing folded in), and cuBLASLt's FP8 GEMM multiplies.
 
@@ -26,7 +26,7 @@ from qdit.quant.scheme import LayerQuant, Scheme
 if triton is not None:
     import triton.language as tl
 
-SMALL_M = 64
+SMALL_M = 16  # largest M on the CUDA-core W4A16 GEMV; above it W4A8 on FP8 tensor cores
 
 if triton is not None:
 
@@ -49,74 +49,97 @@ if triton is not None:
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _expand_fp8_kernel(w_ptr, bs_ptr, rf_ptr, out_ptr, N, K,
+    def _int4_value(code):
+        """Float value of two's-complement 4-bit codes (-8..7)."""
+        c = code.to(tl.int32)
+        return (c - ((c & 8) << 1)).to(tl.float32)
+
+    @triton.jit
+    def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, out_ptr, N, K, INT4: tl.constexpr, GROUP: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        """BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program; every byte read once."""
+        """BLOCK_N rows x BLOCK_B packed bytes per program, every byte read once. Each byte becomes the two
+        e4m3 codes of code * scale[n, k / GROUP] * row_factor[n], stored as one uint16 (little endian:
+        element 2j in the low byte), so no interleaving shuffle is needed."""
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)
         kb = K // 2
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        nmask = offs_n < N
-        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
-                         mask=nmask[:, None] & (offs_b[None, :] < kb), other=0)
-        offs_s = pid_b * (BLOCK_B // 8) + tl.arange(0, BLOCK_B // 8)  # one FP8 scale per 8 bytes (16 codes)
-        scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
-                        mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
-        scale = scale * tl.load(rf_ptr + offs_n, mask=nmask, other=0.0)[:, None]
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)), (BLOCK_N, BLOCK_B))
-        lo = tl.clamp(_e2m1_value(packed & 0xF) * scale, -448.0, 448.0)
-        hi = tl.clamp(_e2m1_value(packed >> 4) * scale, -448.0, 448.0)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
-        offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
-        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
-                 mask=nmask[:, None] & (offs_k[None, :] < K))
+        mask = (offs_n < N)[:, None] & (offs_b[None, :] < kb)
+        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=mask, other=0)
+        offs_s = pid_b * (BLOCK_B // (GROUP // 2)) + tl.arange(0, BLOCK_B // (GROUP // 2))
+        scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :],
+                        mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
+        scale = scale * tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // (GROUP // 2), GROUP // 2)),
+                           (BLOCK_N, BLOCK_B))
+        if INT4:
+            lo, hi = _int4_value(packed & 0xF), _int4_value(packed >> 4)
+        else:
+            lo, hi = _e2m1_value(packed & 0xF), _e2m1_value(packed >> 4)
+        lo8 = tl.clamp(lo * scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+        hi8 = tl.clamp(hi * scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+        tl.store(out_ptr + offs_n[:, None] * kb + offs_b[None, :], lo8 | (hi8 << 8), mask=mask)
 
     @triton.jit
-    def _w4a16_kernel(x_ptr, w_ptr, bs_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        """Partial sums over one K slice: out[split, m, n] = sum_k x[m, k] * e2m1(code[n, k]) * bs[n, k/16].
-
-        Weight tiles are read row-major (coalesced bytes along K); even and odd K elements (low and
-        high nibbles) are multiplied against the even and odd columns of x.
-        """
-        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                        AWQ: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+        """Partial sums over one K slice for M <= BM rows, on the CUDA cores (an MMA would be mostly padding):
+        out[split, m, n] = sum_k x[m, k] * w[n, k], w = e2m1(code) * scale (NVFP4, AWQ=False) or
+        code * scale + zero (AWQ, unsigned codes), one scale per GROUP inputs. Each group's dot product is
+        summed first and scaled once; the AWQ zero term is zero * (sum of x over the group)."""
+        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
         kb = K // 2
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        S: tl.constexpr = BLOCK_B // (GROUP // 2)  # groups per chunk
+        offs_m = tl.arange(0, BM)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = offs_m < M, offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
         b_start = pid_s * (K_PER_SPLIT // 2)
-        for b0 in range(b_start, b_start + K_PER_SPLIT // 2, BLOCK_B):
+        for b0 in range(b_start, tl.minimum(b_start + K_PER_SPLIT // 2, kb), BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
-            bmask = offs_b < kb
-            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
-                             other=0)
-            offs_s = b0 // 8 + tl.arange(0, BLOCK_B // 8)
-            scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
-                            mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)),
-                               (BLOCK_N, BLOCK_B)).to(tl.bfloat16)
-            # e2m1 (2 significant bits) x e4m3 (4 bits) fits bf16's 8-bit significand: exact.
-            w_lo = _e2m1_bf16(packed & 0xF) * scale
-            w_hi = _e2m1_bf16(packed >> 4) * scale
-            xmask = mmask[:, None] & bmask[None, :]
-            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=xmask, other=0.0)
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=xmask, other=0.0)
-            acc = tl.dot(x_lo.to(tl.bfloat16), tl.trans(w_lo), acc)
-            acc = tl.dot(x_hi.to(tl.bfloat16), tl.trans(w_hi), acc)
+            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None], other=0)
+            if AWQ:
+                lo, hi = (packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)
+            else:
+                lo, hi = _e2m1_value(packed & 0xF), _e2m1_value(packed >> 4)
+            xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=mmask[:, None],
+                         other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=mmask[:, None],
+                         other=0.0).to(tl.float32)
+            prod = lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :]  # [BM, BLOCK_N, BLOCK_B]
+            group_dot = tl.sum(tl.reshape(prod, (BM, BLOCK_N, S, GROUP // 2)), axis=3)
+            offs_s = b0 // (GROUP // 2) + tl.arange(0, S)
+            scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :], mask=nmask[:, None],
+                            other=0.0).to(tl.float32)
+            acc += tl.sum(group_dot * scale[None, :, :], axis=2)
+            if AWQ:
+                x_group = tl.sum(tl.reshape(xe + xo, (BM, S, GROUP // 2)), axis=2)  # [BM, S]
+                zero = tl.load(z_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :], mask=nmask[:, None],
+                               other=0.0).to(tl.float32)
+                acc += tl.sum(x_group[:, None, :] * zero[None, :, :], axis=2)
         tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
                  mask=mmask[:, None] & nmask[None, :])
+
+
+def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool) -> torch.Tensor:
+    n, k = weight.shape[0], weight.shape[1] * 2
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
+    group = k // scales.shape[1]
+    block_n, block_b, warps = EXPAND_TILES
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
+    _expand_fp8_kernel[grid](weight, scales, row_factor, out.view(torch.int16), n, k, INT4=int4, GROUP=group,
+                             BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    return out
+
+
+EXPAND_TILES = (16, 128, 4)  # BLOCK_N, BLOCK_B (a multiple of 32, the INT4 group's bytes), warps
 
 
 @torch.library.custom_op("qdit::nvfp4_expand_fp8", mutates_args=())
 def nvfp4_expand_fp8(weight: torch.Tensor, block_scale: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
     """packed [N, K/2] + block scales [N, K/16] -> FP8 [N, K] = e4m3(e2m1 * block_scale * row_factor[n])."""
-    n, k = weight.shape[0], weight.shape[1] * 2
-    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
-    # Tiles from benchmarks/kernels/nvfp4_sweep.py on an H200 (about 1.3 TB/s on Qwen-Image's shapes).
-    grid = (triton.cdiv(n, 16), triton.cdiv(k // 2, 256))
-    _expand_fp8_kernel[grid](weight, block_scale, row_factor, out, n, k, BLOCK_N=16, BLOCK_B=256, num_warps=8)
-    return out
+    return _expand_fp8(weight, block_scale, row_factor, int4=False)
 
 
 @nvfp4_expand_fp8.register_fake
@@ -124,14 +147,32 @@ def _(weight, block_scale, row_factor):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
 
 
+@torch.library.custom_op("qdit::int4_expand_fp8", mutates_args=())
+def int4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
+    """packed signed INT4 [N, K/2] + per-64 scales [N, K/64] -> FP8 [N, K] = e4m3(code * scale * row_factor[n])."""
+    return _expand_fp8(weight, scales, row_factor, int4=True)
+
+
+@int4_expand_fp8.register_fake
+def _(weight, scales, row_factor):
+    return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
+
+
 @torch.library.custom_op("qdit::nvfp4_w4a16_gemm", mutates_args=())
 def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
-    return _w4a16(x, weight, block_scale, global_scale, bias, W4A16_TILES)
+    """x [M <= SMALL_M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype."""
+    return w4_gemv(x, weight, block_scale, None, bias, scale=global_scale)
 
 
-W4A16_TILES = (16, 64, 64, 4, 4)  # BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM
+@nvfp4_w4a16_gemm.register_fake
+def _(x, weight, block_scale, global_scale, bias):
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+# (BLOCK_N, BLOCK_B, warps, programs per SM) by the padded row count BM; BLOCK_B is a multiple of 32 bytes
+# (one INT4/AWQ group) and of 8 (one NVFP4 block).
+GEMV_TILES = {1: (32, 128, 4, 8), 2: (32, 64, 4, 8), 4: (16, 64, 4, 8), 8: (16, 32, 4, 8), 16: (8, 32, 4, 8)}
 
 
 def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,
@@ -145,36 +186,56 @@ def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def _w4a16(x, weight, block_scale, global_scale, bias, tiles):
+def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            bias: torch.Tensor | None, scale: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
+    """x [M <= SMALL_M, K] times a packed 4-bit weight: NVFP4 (zeros None; scales e4m3 per 16) or AWQ
+    (unsigned codes, scales and zeros per 64). Split along K to fill the GPU; result in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
-    block_m, block_n, block_b, warps, per_sm = tiles
-    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, 2 * block_b, per_sm, x.device)
+    if m > SMALL_M:
+        raise ValueError(f"w4_gemv takes at most {SMALL_M} rows, got {m}")
+    bm = triton.next_power_of_2(max(m, 1))
+    block_n, block_b, warps, per_sm = tiles or GEMV_TILES[bm]
+    group = k // scales.shape[1]
+    splits, k_per_split = split_k_plan(m, n, k, bm, block_n, 2 * block_b, per_sm, x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _w4a16_kernel[grid](x, weight, block_scale, partial, m, n, k, x.stride(0), k_per_split,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
-    out = partial.sum(0) * global_scale
+    if m:
+        grid = (triton.cdiv(n, block_n), splits)
+        _w4_gemv_kernel[grid](x, weight, scales, scales if zeros is None else zeros, partial, m, n, k, x.stride(0),
+                              k_per_split, AWQ=zeros is not None, GROUP=group, BM=bm, BLOCK_N=block_n,
+                              BLOCK_B=block_b, num_warps=warps)
+    out = partial.sum(0)
+    if scale is not None:
+        out = out * scale
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
 
 
-@nvfp4_w4a16_gemm.register_fake
-def _(x, weight, block_scale, global_scale, bias):
-    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
+    """The W4A8 route's buffers for a layer whose dequantized weight (layer.method.dequantize) is
+    decoded code * group scale * factor[n]: its per-row FP8 scale and the factor mapping the
+    group-scaled codes onto it."""
+    row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
+    row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
+    layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
+    layer.register_buffer("w4a8_row_factor", (factor / row_scale).contiguous(), persistent=False)
+
+
+def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
+    """xs [M, K] quantized to FP8 per token, times the 4-bit weight expanded into FP8 (no bias)."""
+    xq, token_scale = fp8_quant_per_token(xs)
+    expand = int4_expand_fp8 if int4 else nvfp4_expand_fp8
+    w8 = expand(weight, scales, layer.w4a8_row_factor)
+    return torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
 
 def prepare_nvfp4_routes(layer, tensor_scale: torch.Tensor, channel_scale: torch.Tensor | None = None) -> None:
-    """Buffers of both routes for a layer whose weight is e2m1 * block_scale * tensor_scale [* channel_scale[n]]:
-    the per-row FP8 scale of the dequantized weight and the factor mapping block-scaled codes onto it."""
-    row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
-    row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
-    channel = torch.ones_like(row_amax) if channel_scale is None else channel_scale.float()
-    layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
-    layer.register_buffer("w4a8_row_factor", (tensor_scale * channel / row_scale).contiguous(), persistent=False)
+    """Buffers of both routes for a layer whose weight is e2m1 * block_scale * tensor_scale [* channel_scale[n]]."""
+    channel = None if channel_scale is None else channel_scale.float()
+    prepare_w4a8_route(layer, tensor_scale * (1.0 if channel is None else channel))
     layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
-    layer.register_buffer("w4a16_channel_scale", None if channel_scale is None else channel.to(layer.compute_dtype),
+    layer.register_buffer("w4a16_channel_scale", None if channel is None else channel.to(layer.compute_dtype),
                           persistent=False)
 
 
@@ -183,16 +244,14 @@ def nvfp4_routes(layer, xs: torch.Tensor, weight: torch.Tensor, block_scale: tor
     W4A8. Uses the buffers of prepare_nvfp4_routes."""
     channel = layer.w4a16_channel_scale
     if xs.shape[0] <= SMALL_M:
-        # The bias goes in the GEMM unless a per-channel scale must be applied to the product first.
+        # The bias goes in the GEMV unless a per-channel scale must be applied to the product first.
         y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale,
                              layer.bias if channel is None else None)
         if channel is None:
             return y
         y = y * channel
     else:
-        xq, token_scale = fp8_quant_per_token(xs)
-        w8 = nvfp4_expand_fp8(weight, block_scale, layer.w4a8_row_factor)
-        y = torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
+        y = w4a8_gemm(layer, xs, weight, block_scale, int4=False)
     return y + layer.bias if layer.bias is not None else y
 
 

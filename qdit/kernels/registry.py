@@ -1,7 +1,8 @@
 """The kernel-backend registry: which backend computes a quantized layer on this device.
 
 Each backend says whether it runs on a device and whether it implements a layer's scheme, with a
-reason when it refuses. Backends are tried in registration order; the reference backend is last.
+reason when it refuses. Backends are tried in registration order; the reference backend is last; a backend marked
+`forced_only` (an exact-but-slower variant) is used only when asked for by name.
 The choice can be forced (load_transformer(backend=...), --backend, or QDIT_BACKEND).
 """
 
@@ -33,6 +34,7 @@ YES = Verdict(True)
 
 class KernelBackend(Protocol):
     name: str
+    # A backend with `forced_only = True` is never chosen automatically, only by name.
 
     def supports_device(self, device: torch.device) -> Verdict: ...
 
@@ -92,6 +94,8 @@ class BackendSelector:
             return backend
         refusals = []
         for backend in backends():
+            if getattr(backend, "forced_only", False):
+                continue
             verdict = backend.supports_device(self.device)
             if verdict.ok:
                 verdict = backend.can_implement(layer_quant, in_features, out_features)

@@ -1,6 +1,14 @@
 """Nunchaku SVDQuant layers (canonical layout, docs/nunchaku.md) on Hopper, which has no 4-bit MMA.
 
-- SVDQ_INT4 (W4A4, per-64 groups): exact on INT8 tensor cores. One Triton pass smooths the input
+- SVDQ_INT4 (W4A4, per-64 groups), two routes:
+  * M > SMALL_M (the default svdq-hopper backend): W4A8, as the NVFP4 routes do it. The INT4 weight is
+    expanded per call into an FP8 scratch tensor (e4m3(code * scale / row_scale), row scale fixed at
+    load), the smoothed (and GELU-shifted) input is quantized to FP8 per token, and cuBLASLt's FP8 GEMM
+    multiplies. An exact W4A4 GEMM must rescale its int32 result for every 64-group, which keeps the
+    tensor cores mostly idle; the GPU tests check W4A8 is at least as close to the unquantized-activation
+    layer as W4A4 is.
+  * M <= SMALL_M, and every M on svdq-hopper-exact (forced only): exact W4A4 on INT8 tensor cores.
+    One Triton pass smooths the input
   (and adds the GELU shift), quantizes it to 4-bit integers per 64-group (signed, or unsigned for the
   GELU-shift layers) stored as int8, its scales transposed for coalesced reads. The GEMM unpacks the
   weight's nibbles in its main loop, takes one int8 x int8 -> int32 product per 64-group (exact) and
@@ -22,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import nvfp4_routes, prepare_nvfp4_routes, split_k_plan
+from qdit.kernels.nvfp4_hopper import (SMALL_M, nvfp4_routes, prepare_nvfp4_routes, prepare_w4a8_route, split_k_plan,
+                                       w4_gemv, w4a8_gemm)
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
@@ -188,6 +197,8 @@ def _(q, act_scale, qweight, wscales, bias, lora_act, proj_up):
 def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
+    if x.shape[0] <= SMALL_M:
+        return w4_gemv(x, qweight, wscales, wzeros, bias)
     m, k = x.shape
     n = qweight.shape[0]
     block_m, block_n = 16, 64
@@ -208,7 +219,10 @@ def _(x, qweight, wscales, wzeros, bias):
 
 
 class SVDQuantHopperBackend:
+    """INT4 layers: exact W4A4 for M <= SMALL_M, W4A8 above it (see the module docstring)."""
+
     name = "svdq-hopper"
+    int4_w4a8 = True
 
     def supports_device(self, device: torch.device) -> Verdict:
         return fp8_gpu_verdict(device)  # INT8 and FP8 tensor cores, Triton
@@ -229,14 +243,16 @@ class SVDQuantHopperBackend:
             return
         dtype = layer.compute_dtype
         layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
+        layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
+                              persistent=False)
         if lq.scheme is Scheme.SVDQ_INT4:
+            if self.int4_w4a8:
+                prepare_w4a8_route(layer)  # weight = code * wscales
             return
         # NVFP4: weight = e2m1 * wscales * wtscale * wcscales[n]; the input is divided by smooth_factor.
         device = layer.tensor("qweight").device
         tensor_scale = layer.tensor("wtscale").float() if lq.wtscale else torch.ones((), device=device)
         prepare_nvfp4_routes(layer, tensor_scale, layer.tensor("wcscales") if lq.wcscales else None)
-        layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
-                              persistent=False)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -248,11 +264,31 @@ class SVDQuantHopperBackend:
                                layer.bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
-        if lq.scheme is Scheme.SVDQ_INT4:
+        if lq.scheme is Scheme.SVDQ_INT4 and not (self.int4_w4a8 and x2d.shape[0] > SMALL_M):
             q, act_scale = svdq_int4_quant_act(x2d, layer.tensor("smooth_factor"), lq.gelu_shift)
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"))
+        if lq.scheme is Scheme.SVDQ_INT4:
+            xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth
+            y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=True)
+            y = y + layer.bias if layer.bias is not None else y
+        else:
+            y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"))
         y = y + lora_act @ layer.tensor("proj_up").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class SVDQuantHopperExactBackend(SVDQuantHopperBackend):
+    """Nunchaku's INT4 W4A4 arithmetic at every M (exact on INT8 tensor cores, slower than svdq-hopper's
+    W4A8). Chosen only when forced: backend="svdq-hopper-exact" / --backend / QDIT_BACKEND."""
+
+    name = "svdq-hopper-exact"
+    int4_w4a8 = False
+    forced_only = True
+
+    def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
+        if layer_quant.scheme is Scheme.SVDQ_NVFP4:
+            return Verdict(False, "NVFP4 W4A4 needs FP4 tensor cores (Blackwell); on Hopper use svdq-hopper "
+                                  "(W4A16/W4A8 routes)")
+        return super().can_implement(layer_quant, in_features, out_features)

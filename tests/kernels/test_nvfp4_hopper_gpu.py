@@ -17,7 +17,7 @@ W4A16 = LayerQuant(Scheme.W4A16_NVFP4)
 W4A4 = LayerQuant(Scheme.NVFP4, ActivationScale.STATIC)
 SVD = LayerQuant(Scheme.NVFP4_SVD, ActivationScale.STATIC, pre_quant_scale=True, lora_rank=32)
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3584, 3072)]
-MS = [1, 7, SMALL_M, SMALL_M + 1, 333, 4096]
+MS = [1, 2, 3, 7, SMALL_M, SMALL_M + 1, 333, 4096]
 
 
 def make_layer(lq, k, n, x, seed):
@@ -85,3 +85,24 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(compiled(x), block(x), atol=3e-2, rtol=3e-2)
     small = x[:5]
     torch.testing.assert_close(compiled(small), block(small), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("n,k", [(3072, 3072), (384, 256), (48, 12288)])
+def test_fp8_expansion_is_the_torch_cast(n, k):
+    """Both expansions (NVFP4 and INT4 codes) write exactly torch's saturating e4m3 cast of the scaled
+    value, element 2j from the low nibble."""
+    from qdit.kernels.nvfp4_hopper import int4_expand_fp8, nvfp4_expand_fp8
+    from qdit.quant import numerics
+    from qdit.quant.svdquant import int4_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8, generator=gen)
+    codes = numerics.unpack_nibbles(packed)
+    row_factor = torch.rand(n, device="cuda", generator=gen) * 4
+    block = (torch.rand(n, k // 16, device="cuda", generator=gen) * 4 + 0.01).to(torch.float8_e4m3fn)
+    want = numerics.to_e4m3(numerics.nvfp4_dequantize(codes, block, torch.ones((), device="cuda"))
+                            * row_factor[:, None])
+    assert torch.equal(nvfp4_expand_fp8(packed, block, row_factor).view(torch.uint8), want.view(torch.uint8))
+    group = (torch.rand(n, k // 64, device="cuda", generator=gen) + 0.01).to(torch.bfloat16)
+    want = numerics.to_e4m3(int4_decode(codes) * group.float().repeat_interleave(64, dim=1) * row_factor[:, None])
+    assert torch.equal(int4_expand_fp8(packed, group, row_factor).view(torch.uint8), want.view(torch.uint8))

@@ -11,6 +11,7 @@ from qdit.kernels.svdquant_hopper import SVDQuantHopperBackend
 from qdit.quant import numerics
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
+from qdit.quant.svdquant import GELU_SHIFT, int4_decode
 
 K, N = 256, 384
 
@@ -28,10 +29,16 @@ def _expand(weight, block_scale, row_factor):
     return numerics.to_e4m3(_dequantize(weight, block_scale, torch.ones(())) * row_factor[:, None])
 
 
+def _expand_int4(weight, scales, row_factor):
+    codes = int4_decode(numerics.unpack_nibbles(weight))
+    return numerics.to_e4m3(codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None])
+
+
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "nvfp4_w4a16_gemm", _w4a16)
     monkeypatch.setattr(nvfp4_hopper, "nvfp4_expand_fp8", _expand)
+    monkeypatch.setattr(nvfp4_hopper, "int4_expand_fp8", _expand_int4)
     monkeypatch.setattr(nvfp4_hopper, "fp8_quant_per_token", numerics.fp8_quantize_per_token)
 
 
@@ -67,6 +74,37 @@ def nunchaku_nvfp4_layer(gen):
                 + layer.bias.float()
                 + x.float() @ layer.tensor("proj_down").float() @ layer.tensor("proj_up").float().t())
     return SVDQuantHopperBackend(), layer, exact
+
+
+def nunchaku_int4_layer(gen, gelu_shift=False):
+    layer = _layer(LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=gelu_shift), gen)
+    layer.set_tensor("smooth_factor", (torch.rand(K, generator=gen) + 0.5).to(torch.bfloat16))
+    shift = GELU_SHIFT if gelu_shift else 0.0
+
+    def exact(x):  # (x [+ GELU shift]) / smooth through the weight, the low-rank branch on x itself
+        return (((x.float() + shift) / layer.tensor("smooth_factor").float()) @ layer.method.dequantize(layer).t()
+                + layer.bias.float()
+                + x.float() @ layer.tensor("proj_down").float() @ layer.tensor("proj_up").float().t())
+    return SVDQuantHopperBackend(), layer, exact
+
+
+def nunchaku_int4_gelu_layer(gen):
+    return nunchaku_int4_layer(gen, gelu_shift=True)
+
+
+@pytest.mark.parametrize("make", [nunchaku_int4_layer, nunchaku_int4_gelu_layer])
+@pytest.mark.parametrize("m", [SMALL_M + 1, 200])
+def test_int4_w4a8_route_computes_the_layer(make, m):
+    """svdq-hopper's INT4 route above SMALL_M: FP8 activations (shift and smoothing applied first) times the
+    INT4 weight expanded to FP8; only FP8 rounding separates it from the unquantized-activation layer."""
+    gen = torch.Generator().manual_seed(m)
+    backend, layer, exact = make(gen)
+    backend.prepare(layer)
+    x = torch.randn(m, K, generator=gen).to(torch.bfloat16)
+    if layer.layer_quant.gelu_shift:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    want = exact(x)
+    assert ((backend.apply(layer, x).float() - want).norm() / want.norm()).item() < 0.06
 
 
 @pytest.mark.parametrize("make", [modelopt_svd_layer, nunchaku_nvfp4_layer])

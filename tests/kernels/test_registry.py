@@ -212,3 +212,23 @@ def test_no_backend_at_all(isolated_registry):
     with pytest.raises(BackendUnavailableError, match="no kernel backend computes layer x.to_q") as exc:
         BackendSelector(torch.device("cpu")).select("x.to_q", NVFP4, 64, 64)
     assert "zz-a: reason A" in str(exc.value) and "zz-b: reason B" in str(exc.value)
+
+
+def test_a_forced_only_backend_is_chosen_by_name_only(isolated_registry):
+    """An exact-but-slower variant (svdq-hopper-exact) never wins automatic selection, even when it is the
+    first backend that accepts the layer; asked for by name, it computes the layer."""
+    exact = StubBackend("aa-exact", accepts=(Scheme.FP8,))
+    exact.forced_only = True
+    isolated_registry._BACKENDS[:] = [exact, backend_by_name("reference")]
+    auto = BackendSelector(torch.device("cpu")).select("blocks.0.proj", FP8, 64, 64)
+    assert auto.name == "reference"
+    forced = BackendSelector(torch.device("cpu"), forced="aa-exact").select("blocks.0.proj", FP8, 64, 64)
+    assert forced is exact
+
+
+def test_svdq_hopper_exact_is_forced_only_and_refuses_nvfp4():
+    exact = backend_by_name("svdq-hopper-exact")
+    assert exact.forced_only
+    verdict = exact.can_implement(LayerQuant(Scheme.SVDQ_NVFP4, lora_rank=32), 256, 256)
+    assert not verdict.ok and "FP4 tensor cores" in verdict.reason and "svdq-hopper" in verdict.reason
+    assert exact.can_implement(LayerQuant(Scheme.SVDQ_INT4, lora_rank=32), 256, 256).ok

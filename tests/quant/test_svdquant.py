@@ -159,7 +159,10 @@ def test_only_the_svdquant_backends_take_svdquant_schemes():
     for backend in backends():
         for scheme in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4, Scheme.AWQ_W4A16):
             verdict = backend.can_implement(LayerQuant(scheme, lora_rank=32), 256, 256)
-            assert verdict.ok == (backend.name in ("reference", "svdq-hopper")), (backend.name, scheme)
+            # svdq-hopper-exact: Nunchaku's own W4A4 math, which Hopper can run exactly for INT4 only
+            expected = backend.name in ("reference", "svdq-hopper") or (
+                backend.name == "svdq-hopper-exact" and scheme is not Scheme.SVDQ_NVFP4)
+            assert verdict.ok == expected, (backend.name, scheme)
 
 
 def test_svdquant_hopper_backend_refuses_cpu_and_odd_ranks():
