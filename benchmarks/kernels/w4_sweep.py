@@ -2,7 +2,7 @@
 
 - FP8 expansion (NVFP4 and INT4 codes -> e4m3), GB/s counting bytes read + written, next to the time of
   the FP8 GEMM it feeds at M = 4096 + 256 tokens;
-- the W4A16 GEMV (NVFP4 and AWQ) at M = 1, 2, 4, 16 against torch's bf16 matmul on the same shape.
+- the NVFP4 W4A16 GEMM at M = 1 and 16 against torch's bf16 matmul on the same shape.
 
     python benchmarks/kernels/w4_sweep.py --out benchmarks/results/w4-sweep-h200.txt
 """
@@ -36,7 +36,7 @@ def sweep_expand(lines):
     for (n, k), int4 in itertools.product(SHAPES, (False, True)):
         w, s = packed_weight(n, k, int4)
         rf = torch.rand(n, device="cuda")
-        out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device="cuda").view(torch.int16)
+        out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device="cuda")
         best = None
         for bn, bb, nw in itertools.product((8, 16, 32), (64, 128, 256, 512), (4, 8)):
             grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bb))
@@ -55,38 +55,35 @@ def sweep_expand(lines):
         print(lines[-1], flush=True)
 
 
-def sweep_gemv(lines):
-    lines.append("W4A16 GEMV vs bf16 matmul (tiles: BLOCK_N, BLOCK_B, warps, programs per SM)")
-    for (n, k), awq, m in itertools.product(SHAPES[:3], (False, True), (1, 2, 4, 16)):
-        w, s = packed_weight(n, k, awq)
-        z = torch.randn(s.shape, device="cuda").to(torch.bfloat16) if awq else None
+def sweep_w4a16(lines):
+    lines.append("NVFP4 W4A16 GEMM vs bf16 matmul (tiles: BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM)")
+    for (n, k), m in itertools.product(SHAPES[:3], (1, 16)):
+        w, s = packed_weight(n, k, int4=False)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.ones(1, device="cuda")
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         t_bf16 = bench(lambda: x @ wb.t())
-        bm = triton.next_power_of_2(m)
         best = None
-        for bn, bb, nw, per_sm in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (4, 16)):
-            if bm * bn * bb > 8192:  # register tile too large
-                continue
-            tiles = (bn, bb, nw, per_sm)
-            t = bench(lambda: k4.w4_gemv(x, w, s, z, None, tiles=tiles))
+        for bn, bb, nw, per_sm in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 4, 8)):
+            tiles = (16, bn, bb, nw, per_sm)
+            t = bench(lambda: k4._w4a16(x, w, s, g, None, tiles))
             best = min(best or (t, ()), (t, tiles))
-        default = bench(lambda: k4.w4_gemv(x, w, s, z, None))
-        lines.append(f"  {'awq  ' if awq else 'nvfp4'} M={m} N={n} K={k}: best {best[0]:.1f} us {best[1]}; "
-                     f"GEMV_TILES {default:.1f} us; bf16 {t_bf16:.1f} us (GEMV_TILES / bf16 {default / t_bf16:.2f}x)")
+        default = bench(lambda: k4._w4a16(x, w, s, g, None, k4.W4A16_TILES))
+        lines.append(f"  M={m} N={n} K={k}: best {best[0]:.1f} us {best[1]}; W4A16_TILES {default:.1f} us; "
+                     f"bf16 {t_bf16:.1f} us (W4A16_TILES / bf16 {default / t_bf16:.2f}x)")
         print(lines[-1], flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
-    parser.add_argument("--only", default="expand,gemv")
+    parser.add_argument("--only", default="expand,w4a16")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}"]
     if "expand" in args.only:
         sweep_expand(lines)
-    if "gemv" in args.only:
-        sweep_gemv(lines)
+    if "w4a16" in args.only:
+        sweep_w4a16(lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

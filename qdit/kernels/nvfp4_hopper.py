@@ -1,9 +1,9 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
 Weights stay packed 4-bit in GPU memory. Two routes, chosen per call by the number of tokens M:
-- M <= SMALL_M (timestep-only layers, tiny batches): W4A16, a split-K Triton GEMV on the CUDA cores
-  that decodes the FP4 codes in its main loop, sums each 16-group's products in float32 and scales the
-  sum once by its block scale. The weight is exactly the NVFP4 weight; activations are not quantized.
+- M <= SMALL_M (timestep-only layers, tiny batches): a Triton W4A16 GEMM that decodes the FP4 codes
+  and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3 products are exact in
+  bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
 - larger M: W4A8. One Triton pass expands the layer's weight into an FP8 scratch tensor with a
   per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
   quantizes activations to FP8 per token (smoothing folded in), and cuBLASLt's FP8 GEMM multiplies.
@@ -26,7 +26,10 @@ from qdit.quant.scheme import LayerQuant, Scheme
 if triton is not None:
     import triton.language as tl
 
-SMALL_M = 16  # largest M on the CUDA-core W4A16 GEMV; above it W4A8 on FP8 tensor cores
+# Largest M on the W4A16 route; above it W4A8. On the H200 the W4A16 GEMM takes 76 us at M=16 on a
+# 3072x12288 weight and 270 us at M=64, the W4A8 route's expansion alone 47 us
+# (benchmarks/results/nvfp4-expand-sweep.txt, benchmarks/results/w4-sweep-h200.txt).
+SMALL_M = 16
 
 if triton is not None:
 
@@ -57,15 +60,14 @@ if triton is not None:
     @triton.jit
     def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, out_ptr, N, K, INT4: tl.constexpr, GROUP: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        """BLOCK_N rows x BLOCK_B packed bytes per program, every byte read once. Each byte becomes the two
-        e4m3 codes of code * scale[n, k / GROUP] * row_factor[n], stored as one uint16 (little endian:
-        element 2j in the low byte), so no interleaving shuffle is needed."""
+        """BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program, every byte read once:
+        out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n])."""
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)
         kb = K // 2
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask = (offs_n < N)[:, None] & (offs_b[None, :] < kb)
-        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=mask, other=0)
+        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
+                         mask=(offs_n < N)[:, None] & (offs_b[None, :] < kb), other=0)
         offs_s = pid_b * (BLOCK_B // (GROUP // 2)) + tl.arange(0, BLOCK_B // (GROUP // 2))
         scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :],
                         mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
@@ -76,48 +78,46 @@ if triton is not None:
             lo, hi = _int4_value(packed & 0xF), _int4_value(packed >> 4)
         else:
             lo, hi = _e2m1_value(packed & 0xF), _e2m1_value(packed >> 4)
-        lo8 = tl.clamp(lo * scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
-        hi8 = tl.clamp(hi * scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
-        tl.store(out_ptr + offs_n[:, None] * kb + offs_b[None, :], lo8 | (hi8 << 8), mask=mask)
+        lo = tl.clamp(lo * scale, -448.0, 448.0)
+        hi = tl.clamp(hi * scale, -448.0, 448.0)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
+        offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
+                 mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                        AWQ: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
-        """Partial sums over one K slice for M <= BM rows, on the CUDA cores (an MMA would be mostly padding):
-        out[split, m, n] = sum_k x[m, k] * w[n, k], w = e2m1(code) * scale (NVFP4, AWQ=False) or
-        code * scale + zero (AWQ, unsigned codes), one scale per GROUP inputs. Each group's dot product is
-        summed first and scaled once; the AWQ zero term is zero * (sum of x over the group)."""
-        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    def _w4a16_kernel(x_ptr, w_ptr, bs_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Partial sums over one K slice: out[split, m, n] = sum_k x[m, k] * e2m1(code[n, k]) * bs[n, k/16].
+
+        Weight tiles are read row-major (coalesced bytes along K); even and odd K elements (low and
+        high nibbles) are multiplied against the even and odd columns of x.
+        """
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kb = K // 2
-        S: tl.constexpr = BLOCK_B // (GROUP // 2)  # groups per chunk
-        offs_m = tl.arange(0, BM)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = offs_m < M, offs_n < N
-        acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_start = pid_s * (K_PER_SPLIT // 2)
-        for b0 in range(b_start, tl.minimum(b_start + K_PER_SPLIT // 2, kb), BLOCK_B):
+        for b0 in range(b_start, b_start + K_PER_SPLIT // 2, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
-            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None], other=0)
-            if AWQ:
-                lo, hi = (packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)
-            else:
-                lo, hi = _e2m1_value(packed & 0xF), _e2m1_value(packed >> 4)
-            xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=mmask[:, None],
-                         other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=mmask[:, None],
-                         other=0.0).to(tl.float32)
-            prod = lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :]  # [BM, BLOCK_N, BLOCK_B]
-            group_dot = tl.sum(tl.reshape(prod, (BM, BLOCK_N, S, GROUP // 2)), axis=3)
-            offs_s = b0 // (GROUP // 2) + tl.arange(0, S)
-            scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :], mask=nmask[:, None],
-                            other=0.0).to(tl.float32)
-            acc += tl.sum(group_dot * scale[None, :, :], axis=2)
-            if AWQ:
-                x_group = tl.sum(tl.reshape(xe + xo, (BM, S, GROUP // 2)), axis=2)  # [BM, S]
-                zero = tl.load(z_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :], mask=nmask[:, None],
-                               other=0.0).to(tl.float32)
-                acc += tl.sum(x_group[:, None, :] * zero[None, :, :], axis=2)
+            bmask = offs_b < kb
+            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
+                             other=0)
+            offs_s = b0 // 8 + tl.arange(0, BLOCK_B // 8)
+            scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
+                            mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)),
+                               (BLOCK_N, BLOCK_B)).to(tl.bfloat16)
+            # e2m1 (2 significant bits) x e4m3 (4 bits) fits bf16's 8-bit significand: exact.
+            w_lo = _e2m1_bf16(packed & 0xF) * scale
+            w_hi = _e2m1_bf16(packed >> 4) * scale
+            xmask = mmask[:, None] & bmask[None, :]
+            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=xmask, other=0.0)
+            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=xmask, other=0.0)
+            acc = tl.dot(x_lo.to(tl.bfloat16), tl.trans(w_lo), acc)
+            acc = tl.dot(x_hi.to(tl.bfloat16), tl.trans(w_hi), acc)
         tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -126,14 +126,16 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     n, k = weight.shape[0], weight.shape[1] * 2
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     group = k // scales.shape[1]
-    block_n, block_b, warps = EXPAND_TILES
+    block_n, block_b, warps = EXPAND_TILES["int4" if int4 else "nvfp4"]
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
-    _expand_fp8_kernel[grid](weight, scales, row_factor, out.view(torch.int16), n, k, INT4=int4, GROUP=group,
+    _expand_fp8_kernel[grid](weight, scales, row_factor, out, n, k, INT4=int4, GROUP=group,
                              BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
     return out
 
 
-EXPAND_TILES = (16, 128, 4)  # BLOCK_N, BLOCK_B (a multiple of 32, the INT4 group's bytes), warps
+# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the fastest in benchmarks/kernels/w4_sweep.py
+# on an H200 over Qwen-Image's shapes (NVFP4 about 1.2 TB/s, INT4 about 2.1 TB/s, bytes read + written).
+EXPAND_TILES = {"nvfp4": (16, 256, 8), "int4": (8, 512, 8)}
 
 
 @torch.library.custom_op("qdit::nvfp4_expand_fp8", mutates_args=())
@@ -161,18 +163,11 @@ def _(weight, scales, row_factor):
 @torch.library.custom_op("qdit::nvfp4_w4a16_gemm", mutates_args=())
 def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M <= SMALL_M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype."""
-    return w4_gemv(x, weight, block_scale, None, bias, scale=global_scale)
+    """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
+    return _w4a16(x, weight, block_scale, global_scale, bias, W4A16_TILES)
 
 
-@nvfp4_w4a16_gemm.register_fake
-def _(x, weight, block_scale, global_scale, bias):
-    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-
-
-# (BLOCK_N, BLOCK_B, warps, programs per SM) by the padded row count BM; BLOCK_B is a multiple of 32 bytes
-# (one INT4/AWQ group) and of 8 (one NVFP4 block).
-GEMV_TILES = {1: (32, 128, 4, 8), 2: (32, 64, 4, 8), 4: (16, 64, 4, 8), 8: (16, 32, 4, 8), 16: (8, 32, 4, 8)}
+W4A16_TILES = (16, 64, 64, 4, 4)  # BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM
 
 
 def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,
@@ -186,30 +181,24 @@ def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-            bias: torch.Tensor | None, scale: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
-    """x [M <= SMALL_M, K] times a packed 4-bit weight: NVFP4 (zeros None; scales e4m3 per 16) or AWQ
-    (unsigned codes, scales and zeros per 64). Split along K to fill the GPU; result in x's dtype."""
+def _w4a16(x, weight, block_scale, global_scale, bias, tiles):
     m, k = x.shape
     n = weight.shape[0]
-    if m > SMALL_M:
-        raise ValueError(f"w4_gemv takes at most {SMALL_M} rows, got {m}")
-    bm = triton.next_power_of_2(max(m, 1))
-    block_n, block_b, warps, per_sm = tiles or GEMV_TILES[bm]
-    group = k // scales.shape[1]
-    splits, k_per_split = split_k_plan(m, n, k, bm, block_n, 2 * block_b, per_sm, x.device)
+    block_m, block_n, block_b, warps, per_sm = tiles
+    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, 2 * block_b, per_sm, x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    if m:
-        grid = (triton.cdiv(n, block_n), splits)
-        _w4_gemv_kernel[grid](x, weight, scales, scales if zeros is None else zeros, partial, m, n, k, x.stride(0),
-                              k_per_split, AWQ=zeros is not None, GROUP=group, BM=bm, BLOCK_N=block_n,
-                              BLOCK_B=block_b, num_warps=warps)
-    out = partial.sum(0)
-    if scale is not None:
-        out = out * scale
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    _w4a16_kernel[grid](x, weight, block_scale, partial, m, n, k, x.stride(0), k_per_split,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    out = partial.sum(0) * global_scale
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+@nvfp4_w4a16_gemm.register_fake
+def _(x, weight, block_scale, global_scale, bias):
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
 def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:

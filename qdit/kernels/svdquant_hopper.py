@@ -31,7 +31,7 @@ import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
 from qdit.kernels.nvfp4_hopper import (SMALL_M, nvfp4_routes, prepare_nvfp4_routes, prepare_w4a8_route, split_k_plan,
-                                       w4_gemv, w4a8_gemm)
+                                       w4a8_gemm)
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
@@ -197,8 +197,6 @@ def _(q, act_scale, qweight, wscales, bias, lora_act, proj_up):
 def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
-    if x.shape[0] <= SMALL_M:
-        return w4_gemv(x, qweight, wscales, wzeros, bias)
     m, k = x.shape
     n = qweight.shape[0]
     block_m, block_n = 16, 64
