@@ -1,7 +1,11 @@
 """Text to image end to end on the GPU: the full-size Qwen-Image transformer (random weights) with a
 small text encoder and VAE sized to it, 1024x1024, in BF16, FP8 and NVFP4, in one run.
 
-    python benchmarks/pipeline_e2e.py --steps 20 --out benchmarks/results
+    python benchmarks/pipeline_e2e.py --steps 20 --out benchmarks/results [--compile] [--cuda-graph]
+
+With --compile the transformer's blocks are compiled (as `compile: true` does); with --cuda-graph each
+format is timed twice in the same run: as loaded, then with the forward replayed from CUDA graphs
+(`cuda_graph: true`).
 
 Reports seconds per image, seconds per step and peak GPU memory per format; writes JSON and markdown.
 """
@@ -12,13 +16,16 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import qdit
 from qdit.api import random_transformer
+from qdit.compile import compile_blocks
 from qdit.config import QditConfig
+from qdit.cuda_graph import enable_cuda_graphs
 from qdit.pipelines.tiny import components_around, pipeline_class
 
 
@@ -29,6 +36,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time each format with CUDA-graph replay")
     args = parser.parse_args()
     rows = []
     for fmt in args.formats.split(","):
@@ -42,27 +51,36 @@ def main() -> int:
             getattr(pipe, name).to("cuda", torch.bfloat16)
         config = QditConfig(quantize="none" if fmt == "bf16" else fmt, steps=args.steps, height=args.size,
                             width=args.size, seed=0)
-        qdit.generate(pipe, "a red circle", config=config.replace(steps=2), progress=False)  # warm-up
-        result = qdit.generate(pipe, "a large red circle on the left", config=config, progress=False)
-        row = {"format": fmt, "seconds_per_image": round(result.seconds, 2),
-               "seconds_per_step": round(result.seconds_per_step, 3),
-               "peak_gpu_gib": round(result.peak_gpu_bytes / 2**30, 2),
-               "transformer_layers": result.metadata["quantization"],
-               "image_size": list(result.images[0].size)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        if args.compile:
+            compile_blocks(pipe.transformer)
+        for graphed in (False, True) if args.cuda_graph else (False,):
+            if graphed:
+                enable_cuda_graphs(pipe.transformer)
+            start = time.perf_counter()
+            qdit.generate(pipe, "a red circle", config=config.replace(steps=2), progress=False)  # warm-up
+            warmup_s = time.perf_counter() - start
+            result = qdit.generate(pipe, "a large red circle on the left", config=config, progress=False)
+            row = {"format": fmt, "compiled": args.compile, "cuda_graph": graphed,
+                   "seconds_per_image": round(result.seconds, 2), "seconds_per_step": round(result.seconds_per_step, 3),
+                   "warmup_s": round(warmup_s, 1), "peak_gpu_gib": round(result.peak_gpu_bytes / 2**30, 2),
+                   "transformer_layers": result.metadata["quantization"], "image_size": list(result.images[0].size)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         del pipe, parts, transformer
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
             "model": args.model, "steps": args.steps, "size": args.size,
             "note": "full-size transformer with random weights; tiny random text encoder and VAE; no CFG"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"pipeline-{args.model}-{args.size}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    stem = f"pipeline-{args.model}-{args.size}" + ("-compiled" if args.compile else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# {args.model} text-to-image, {args.size}x{args.size}, {args.steps} steps, batch 1", "",
              f"GPU: {meta['gpu']}; torch {meta['torch']}. {meta['note']}.", f"Command: `{meta['command']}`", "",
-             "| transformer | s / image | s / step | peak GPU GiB |", "|---|---|---|---|"]
-    lines += [f"| {r['format']} | {r['seconds_per_image']} | {r['seconds_per_step']} | {r['peak_gpu_gib']} |" for r in rows]
-    (out / f"pipeline-{args.model}-{args.size}.md").write_text("\n".join(lines) + "\n")
+             "| transformer | compiled | CUDA graph | s / image | s / step | warm-up s (2 steps) | peak GPU GiB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['compiled']} | {r['cuda_graph']} | {r['seconds_per_image']} | "
+              f"{r['seconds_per_step']} | {r['warmup_s']} | {r['peak_gpu_gib']} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -83,7 +83,8 @@ def cmd_generate(args) -> int:
     overrides = {"quantize": args.quantize, "backend": args.backend, "steps": args.steps, "guidance": args.guidance,
                  "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
-                 "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None}
+                 "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
+                 "cuda_graph": args.cuda_graph or None}
     if args.model is None:
         from qdit.eval.evaluate import SHIPPED_MODEL
 
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-fp8", action="store_true")
     p.add_argument("--vae-fp8", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the transformer's forward from CUDA graphs (GPU): no per-kernel launch cost")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default="qdit.png")
     p.set_defaults(func=cmd_generate)

@@ -30,6 +30,7 @@ class QditConfig:
     text_encoder_fp8: bool = False  # store text-encoder Linear weights in FP8
     vae_fp8: bool = False  # store VAE Linear/Conv weights in FP8
     compile: bool = False  # torch.compile each repeated transformer block (fullgraph)
+    cuda_graph: bool = False  # replay the transformer's forward from CUDA graphs (GPU; one capture per shape)
     # generation
     steps: int = 20
     guidance: float | None = None  # None: the pipeline's default

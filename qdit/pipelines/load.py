@@ -15,6 +15,7 @@ import torch
 from qdit.api import load_transformer
 from qdit.compile import compile_blocks
 from qdit.config import QditConfig, resolve_config
+from qdit.cuda_graph import enable_cuda_graphs
 from qdit.errors import CheckpointError, QditError
 from qdit.formats import detect
 from qdit.formats.checkpoint import open_checkpoint
@@ -98,6 +99,8 @@ def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None 
         log.info("FP8 weight storage: %s", ", ".join(f"{k}: {v} layers" for k, v in converted.items()))
     if cfg.compile:
         compile_blocks(pipe.transformer)
+    if cfg.cuda_graph:
+        enable_cuda_graphs(pipe.transformer)
     pipe.qdit_config = cfg
     return pipe
 
