@@ -1,10 +1,11 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
-Weights stay packed 4-bit in GPU memory. Two routes, chosen per call by the number of tokens M:
-- M <= SMALL_M (timestep-only layers, tiny batches): a Triton W4A16 GEMM that decodes the FP4 codes
-  and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3 products are exact in
-  bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
-- larger M: W4A8. One Triton pass expands the layer's weight into an FP8 scratch tensor with a
+Weights stay packed 4-bit in GPU memory. Two routes:
+- W4A16, for weight-only NVFP4 layers (W4A16_NVFP4) at M <= SMALL_M tokens: a Triton GEMM that
+  decodes the FP4 codes and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3
+  products are exact in bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
+- W4A8, for every other call (W4A4 and SVDQuant layers at every M: on the H200 it is the faster route
+  even at M = 1, and closer to the unquantized layer than W4A4). One Triton pass expands the layer's weight into an FP8 scratch tensor with a
   per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
   quantizes activations to FP8 per token (smoothing folded in), and cuBLASLt's FP8 GEMM multiplies.
 
@@ -26,9 +27,9 @@ from qdit.quant.scheme import LayerQuant, Scheme
 if triton is not None:
     import triton.language as tl
 
-# Largest M on the W4A16 route; above it W4A8. On the H200 the W4A16 GEMM takes 76 us at M=16 on a
-# 3072x12288 weight and 270 us at M=64, the W4A8 route's expansion alone 47 us
-# (benchmarks/results/nvfp4-expand-sweep.txt, benchmarks/results/w4-sweep-h200.txt).
+# Largest M on the W4A16 route (weight-only layers); above it W4A8. On the H200 the W4A16 GEMM takes
+# 68-112 us at M = 1..16 on Qwen-Image's large weights and 270 us at M = 64; the W4A8 route's weight
+# expansion 44-65 us plus a small FP8 GEMM (benchmarks/results/nvfp4-expand-sweep.txt).
 SMALL_M = 16
 
 if triton is not None:
@@ -228,11 +229,12 @@ def prepare_nvfp4_routes(layer, tensor_scale: torch.Tensor, channel_scale: torch
                           persistent=False)
 
 
-def nvfp4_routes(layer, xs: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
-    """xs [M, K] (smoothed) times the NVFP4 weight, plus the layer's bias: W4A16 for M <= SMALL_M, else
-    W4A8. Uses the buffers of prepare_nvfp4_routes."""
+def nvfp4_routes(layer, xs: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor,
+                 weight_only: bool) -> torch.Tensor:
+    """xs [M, K] (smoothed) times the NVFP4 weight, plus the layer's bias: W4A16 for weight-only layers at
+    M <= SMALL_M, else W4A8. Uses the buffers of prepare_nvfp4_routes."""
     channel = layer.w4a16_channel_scale
-    if xs.shape[0] <= SMALL_M:
+    if weight_only and xs.shape[0] <= SMALL_M:
         # The bias goes in the GEMV unless a per-channel scale must be applied to the product first.
         y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale,
                              layer.bias if channel is None else None)
@@ -272,7 +274,8 @@ class NVFP4HopperBackend:
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
-        y = nvfp4_routes(layer, xs, layer.tensor("weight"), layer.tensor("weight_scale"))
+        y = nvfp4_routes(layer, xs, layer.tensor("weight"), layer.tensor("weight_scale"),
+                         weight_only=layer.layer_quant.scheme is Scheme.W4A16_NVFP4)
         if layer.layer_quant.lora_rank:
             y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])

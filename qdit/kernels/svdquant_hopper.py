@@ -1,22 +1,21 @@
 """Nunchaku SVDQuant layers (canonical layout, docs/nunchaku.md) on Hopper, which has no 4-bit MMA.
 
 - SVDQ_INT4 (W4A4, per-64 groups), two routes:
-  * M > SMALL_M (the default svdq-hopper backend): W4A8, as the NVFP4 routes do it. The INT4 weight is
+  * svdq-hopper (chosen automatically): W4A8 at every M, as the NVFP4 routes do it. The INT4 weight is
     expanded per call into an FP8 scratch tensor (e4m3(code * scale / row_scale), row scale fixed at
     load), the smoothed (and GELU-shifted) input is quantized to FP8 per token, and cuBLASLt's FP8 GEMM
     multiplies. An exact W4A4 GEMM must rescale its int32 result for every 64-group, which keeps the
     tensor cores mostly idle; the GPU tests check W4A8 is at least as close to the unquantized-activation
     layer as W4A4 is.
-  * M <= SMALL_M, and every M on svdq-hopper-exact (forced only): exact W4A4 on INT8 tensor cores.
-    One Triton pass smooths the input
-  (and adds the GELU shift), quantizes it to 4-bit integers per 64-group (signed, or unsigned for the
-  GELU-shift layers) stored as int8, its scales transposed for coalesced reads. The GEMM unpacks the
-  weight's nibbles in its main loop, takes one int8 x int8 -> int32 product per 64-group (exact) and
-  applies both groups' scales to it before the float32 accumulation; its epilogue adds the bias and
-  the low-rank up-projection (bf16 MMA over the rank). Same arithmetic as Nunchaku's W4A4, up to the
-  order of float32 additions.
+  * svdq-hopper-exact (forced only): Nunchaku's exact W4A4 arithmetic on INT8 tensor cores. One
+    Triton pass smooths the input (and adds the GELU shift), quantizes it to 4-bit integers per
+    64-group (signed, or unsigned for the GELU-shift layers) stored as int8, its scales transposed for
+    coalesced reads. The GEMM unpacks the weight's nibbles in its main loop, takes one int8 x int8 ->
+    int32 product per 64-group (exact) and applies both groups' scales to it before the float32
+    accumulation; its epilogue adds the bias and the low-rank up-projection (bf16 MMA over the rank).
+    Same arithmetic as Nunchaku's W4A4, up to the order of float32 additions.
 - SVDQ_NVFP4 (W4A4, per-16 E4M3 groups): the routes of the NVFP4 Hopper backend (weights stay 4-bit;
-  W4A16 for M <= SMALL_M, else W4A8 through an FP8 scratch expansion). Per-16 activation groups are
+  W4A8 through an FP8 scratch expansion at every M). Per-16 activation groups are
   below the K of an FP8 MMA, so W4A4's activation rounding is not reproduced; W4A8 is closer to the
   unquantized layer than W4A4 (the GPU tests check it).
 - AWQ_W4A16 (the modulation linears, M = batch at most): a split-K Triton GEMV/GEMM that decodes
@@ -30,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import (SMALL_M, nvfp4_routes, prepare_nvfp4_routes, prepare_w4a8_route, split_k_plan,
+from qdit.kernels.nvfp4_hopper import (nvfp4_routes, prepare_nvfp4_routes, prepare_w4a8_route, split_k_plan,
                                        w4a8_gemm)
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -217,7 +216,7 @@ def _(x, qweight, wscales, wzeros, bias):
 
 
 class SVDQuantHopperBackend:
-    """INT4 layers: exact W4A4 for M <= SMALL_M, W4A8 above it (see the module docstring)."""
+    """INT4 and NVFP4 SVDQuant layers on the W4A8 route, AWQ on W4A16 (see the module docstring)."""
 
     name = "svdq-hopper"
     int4_w4a8 = True
@@ -262,7 +261,7 @@ class SVDQuantHopperBackend:
                                layer.bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
-        if lq.scheme is Scheme.SVDQ_INT4 and not (self.int4_w4a8 and x2d.shape[0] > SMALL_M):
+        if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
             q, act_scale = svdq_int4_quant_act(x2d, layer.tensor("smooth_factor"), lq.gelu_shift)
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
@@ -272,7 +271,8 @@ class SVDQuantHopperBackend:
             y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=True)
             y = y + layer.bias if layer.bias is not None else y
         else:
-            y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"))
+            y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"),
+                             weight_only=False)
         y = y + lora_act @ layer.tensor("proj_up").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -93,9 +93,9 @@ def nunchaku_int4_gelu_layer(gen):
 
 
 @pytest.mark.parametrize("make", [nunchaku_int4_layer, nunchaku_int4_gelu_layer])
-@pytest.mark.parametrize("m", [SMALL_M + 1, 200])
+@pytest.mark.parametrize("m", [1, SMALL_M + 1, 200])
 def test_int4_w4a8_route_computes_the_layer(make, m):
-    """svdq-hopper's INT4 route above SMALL_M: FP8 activations (shift and smoothing applied first) times the
+    """svdq-hopper's INT4 route (every M): FP8 activations (shift and smoothing applied first) times the
     INT4 weight expanded to FP8; only FP8 rounding separates it from the unquantized-activation layer."""
     gen = torch.Generator().manual_seed(m)
     backend, layer, exact = make(gen)
@@ -107,11 +107,26 @@ def test_int4_w4a8_route_computes_the_layer(make, m):
     assert ((backend.apply(layer, x).float() - want).norm() / want.norm()).item() < 0.06
 
 
-@pytest.mark.parametrize("make", [modelopt_svd_layer, nunchaku_nvfp4_layer])
-@pytest.mark.parametrize("m,bound", [(1, 0.01), (SMALL_M, 0.01), (SMALL_M + 1, 0.06), (200, 0.06)])
+def modelopt_w4a16_layer(gen):
+    layer = _layer(LayerQuant(Scheme.W4A16_NVFP4), gen)
+
+    def exact(x):
+        return x.float() @ layer.method.dequantize(layer).t() + layer.bias.float()
+    return NVFP4HopperBackend(), layer, exact
+
+
+W4A8_BOUND = 0.06  # FP8 activation and weight rounding
+
+
+@pytest.mark.parametrize("make,m,bound", [
+    (modelopt_w4a16_layer, 1, 0.01), (modelopt_w4a16_layer, SMALL_M, 0.01),  # W4A16: bf16 rounding only
+    (modelopt_w4a16_layer, SMALL_M + 1, W4A8_BOUND),
+    *[(make, m, W4A8_BOUND) for make in (modelopt_svd_layer, nunchaku_nvfp4_layer) for m in (1, SMALL_M + 1, 200)],
+])
 def test_routes_compute_the_layer(make, m, bound):
-    """W4A16 (M <= SMALL_M) differs from the unquantized-activation layer only by bf16 rounding; W4A8 by
-    FP8 activation and weight rounding. A lost channel scale, bias or smoothing costs far more."""
+    """W4A16 (weight-only layers, M <= SMALL_M) differs from the unquantized-activation layer only by bf16
+    rounding; W4A8 by FP8 activation and weight rounding. A lost channel scale, bias or smoothing costs
+    far more."""
     gen = torch.Generator().manual_seed(m)
     backend, layer, exact = make(gen)
     backend.prepare(layer)
