@@ -134,8 +134,9 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     return out
 
 
-# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the fastest in benchmarks/kernels/w4_sweep.py
-# on an H200 over Qwen-Image's shapes (NVFP4 about 1.2 TB/s, INT4 about 2.1 TB/s, bytes read + written).
+# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps. NVFP4: the fastest in an H200 sweep of this
+# kernel (about 1.3 TB/s read + written, benchmarks/results/nvfp4-expand-sweep.txt). INT4: the fastest
+# for a variant that stored byte pairs (2.1 TB/s, benchmarks/results/rejected/); this store not swept.
 EXPAND_TILES = {"nvfp4": (16, 256, 8), "int4": (8, 512, 8)}
 
 
