@@ -140,25 +140,15 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
 EXPAND_TILES = {"nvfp4": (16, 256, 8), "int4": (8, 512, 8)}
 
 
-@torch.library.custom_op("qdit::nvfp4_expand_fp8", mutates_args=())
-def nvfp4_expand_fp8(weight: torch.Tensor, block_scale: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
-    """packed [N, K/2] + block scales [N, K/16] -> FP8 [N, K] = e4m3(e2m1 * block_scale * row_factor[n])."""
-    return _expand_fp8(weight, block_scale, row_factor, int4=False)
+@torch.library.custom_op("qdit::w4_expand_fp8", mutates_args=())
+def w4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool) -> torch.Tensor:
+    """packed codes [N, K/2] -> FP8 [N, K] = e4m3(value(code) * scale * row_factor[n]): NVFP4 (e2m1 codes,
+    e4m3 scales per 16) or INT4 (two's-complement codes, scales per 64)."""
+    return _expand_fp8(weight, scales, row_factor, int4)
 
 
-@nvfp4_expand_fp8.register_fake
-def _(weight, block_scale, row_factor):
-    return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
-
-
-@torch.library.custom_op("qdit::int4_expand_fp8", mutates_args=())
-def int4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
-    """packed signed INT4 [N, K/2] + per-64 scales [N, K/64] -> FP8 [N, K] = e4m3(code * scale * row_factor[n])."""
-    return _expand_fp8(weight, scales, row_factor, int4=True)
-
-
-@int4_expand_fp8.register_fake
-def _(weight, scales, row_factor):
+@w4_expand_fp8.register_fake
+def _(weight, scales, row_factor, int4):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
 
 
@@ -216,8 +206,7 @@ def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
 def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
     """xs [M, K] quantized to FP8 per token, times the 4-bit weight expanded into FP8 (no bias)."""
     xq, token_scale = fp8_quant_per_token(xs)
-    expand = int4_expand_fp8 if int4 else nvfp4_expand_fp8
-    w8 = expand(weight, scales, layer.w4a8_row_factor)
+    w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4)
     return torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
 

@@ -91,7 +91,7 @@ def test_compiles_without_graph_break():
 def test_fp8_expansion_is_the_torch_cast(n, k):
     """Both expansions (NVFP4 and INT4 codes) write exactly torch's saturating e4m3 cast of the scaled
     value, element 2j from the low nibble (compared as values: the kernel may write -0 as +0)."""
-    from qdit.kernels.nvfp4_hopper import int4_expand_fp8, nvfp4_expand_fp8
+    from qdit.kernels.nvfp4_hopper import w4_expand_fp8
     from qdit.quant import numerics
     from qdit.quant.svdquant import int4_decode
 
@@ -102,7 +102,7 @@ def test_fp8_expansion_is_the_torch_cast(n, k):
     block = (torch.rand(n, k // 16, device="cuda", generator=gen) * 4 + 0.01).to(torch.float8_e4m3fn)
     want = numerics.to_e4m3(numerics.nvfp4_dequantize(codes, block, torch.ones((), device="cuda"))
                             * row_factor[:, None])
-    assert torch.equal(nvfp4_expand_fp8(packed, block, row_factor).float(), want.float())
+    assert torch.equal(w4_expand_fp8(packed, block, row_factor, False).float(), want.float())
     group = (torch.rand(n, k // 64, device="cuda", generator=gen) + 0.01).to(torch.bfloat16)
     want = numerics.to_e4m3(int4_decode(codes) * group.float().repeat_interleave(64, dim=1) * row_factor[:, None])
-    assert torch.equal(int4_expand_fp8(packed, group, row_factor).float(), want.float())
+    assert torch.equal(w4_expand_fp8(packed, group, row_factor, True).float(), want.float())

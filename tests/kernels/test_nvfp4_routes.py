@@ -25,20 +25,17 @@ def _w4a16(x, weight, block_scale, global_scale, bias):
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _expand(weight, block_scale, row_factor):
-    return numerics.to_e4m3(_dequantize(weight, block_scale, torch.ones(())) * row_factor[:, None])
-
-
-def _expand_int4(weight, scales, row_factor):
-    codes = int4_decode(numerics.unpack_nibbles(weight))
-    return numerics.to_e4m3(codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None])
+def _expand(weight, scales, row_factor, int4):
+    if int4:
+        codes = int4_decode(numerics.unpack_nibbles(weight))
+        return numerics.to_e4m3(codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None])
+    return numerics.to_e4m3(_dequantize(weight, scales, torch.ones(())) * row_factor[:, None])
 
 
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "nvfp4_w4a16_gemm", _w4a16)
-    monkeypatch.setattr(nvfp4_hopper, "nvfp4_expand_fp8", _expand)
-    monkeypatch.setattr(nvfp4_hopper, "int4_expand_fp8", _expand_int4)
+    monkeypatch.setattr(nvfp4_hopper, "w4_expand_fp8", _expand)
     monkeypatch.setattr(nvfp4_hopper, "fp8_quant_per_token", numerics.fp8_quantize_per_token)
 
 

@@ -29,6 +29,13 @@ def make_layer(lq, k, n, seed, gelu_input=False):
     return layer
 
 
+def int4_layer_and_input(k, n, m, gelu):
+    """An INT4 layer (unsigned GELU-shift variant when gelu) and an input like the one it sees."""
+    layer = make_layer(LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=gelu), k, n, seed=k + n + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return layer, torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
+
+
 def run(layer, backend_name, x):
     backend = backend_by_name(backend_name)
     layer.backend = backend
@@ -46,11 +53,7 @@ def rel(a, b):
 def test_int4_w4a4_matches_reference(k, n, m, gelu):
     """svdq-hopper-exact: W4A4 arithmetic on INT8 tensor cores; only float32 summation order and the bf16
     output differ from the reference."""
-    lq = LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=gelu)
-    layer = make_layer(lq, k, n, seed=k + n + m)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    if gelu:
-        x = torch.nn.functional.gelu(x, approximate="tanh")
+    layer, x = int4_layer_and_input(k, n, m, gelu)
     got = run(layer, "svdq-hopper-exact", x)
     ref = svdq_reference_forward(layer, x)
     assert rel(got, ref) < 1e-2, rel(got, ref)
@@ -70,11 +73,7 @@ def unquantized_activation_forward(layer, x):
 def test_int4_default_routes_against_reference(k, n, m, gelu):
     """svdq-hopper: W4A8 at every M. It stays close to the reference and is at least as close to the
     unquantized-activation layer as W4A4 itself."""
-    lq = LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=gelu)
-    layer = make_layer(lq, k, n, seed=k + n + m)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    if gelu:
-        x = torch.nn.functional.gelu(x, approximate="tanh")
+    layer, x = int4_layer_and_input(k, n, m, gelu)
     got = run(layer, "svdq-hopper", x)
     ref = svdq_reference_forward(layer, x)
     exact_act = unquantized_activation_forward(layer, x)
