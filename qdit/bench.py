@@ -30,8 +30,17 @@ from qdit.quant.calibration import calibrate_static_input_scales
 from qdit.quant.layer import QuantLinear
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor; a wrapper subclass (torchao's FP8 weights) is counted by the tensors it
+    holds, not by its logical dtype."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
 
 
 def step_ms(model, inputs, adapter, iters: int) -> float:

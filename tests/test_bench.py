@@ -24,3 +24,15 @@ def test_results_name_the_run_and_compare_within_it(tmp_path, monkeypatch):
     assert "GPU: Test GPU" in table and "Command: `qdit bench --model qwen-image`" in table
     fp8 = next(line for line in table.splitlines() if line.startswith("| fp8_static"))
     assert "| 0.80x | 0.75x | 2.4 |" in fp8
+
+
+def test_weight_bytes_counts_what_a_tensor_subclass_holds():
+    """torchao's FP8 weights are wrapper subclasses whose logical dtype is BF16; count their inner tensors."""
+    import torch
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    plain = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
+    assert bench.weight_bytes(plain) == 8 * 4 * 2
+    wrapped = torch.nn.Linear(8, 4, bias=False)
+    wrapped.weight = torch.nn.Parameter(TwoTensor(torch.zeros(4, 8), torch.zeros(4, 8)), requires_grad=False)
+    assert bench.weight_bytes(wrapped) == 2 * 8 * 4 * 4  # both inner float32 tensors
