@@ -120,3 +120,12 @@ def test_demo_prints_a_table(tmp_path, monkeypatch, capsys):
     assert float(rows["fp8"][-1]) < float(rows["nvfp4"][-1])  # 8-bit is closer to BF16 than 4-bit
     assert re.match(r"transformer: [\d,]+ parameters, [\d.]+ KB in BF16", lines[4])
     assert len(lines) == 5
+
+
+def test_generate_cuda_graph_on_a_cpu_is_a_clear_error(capsys, tmp_path):
+    """--cuda-graph reaches the pipeline loader; on a CPU it stops with an error, not a silent eager run."""
+    code, _, err = _run(capsys, "generate", "--prompt", "a red circle", "--device", "cpu", "--cuda-graph",
+                        "--steps", "1", "--output", str(tmp_path / "x.png"))
+    assert code == 2
+    assert "cuda_graph needs the transformer on a CUDA device, it is on cpu" in err
+    assert not (tmp_path / "x.png").exists()
