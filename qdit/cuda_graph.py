@@ -31,7 +31,10 @@ WARMUP_CALLS = 2
 def call_signature(args: tuple, kwargs: dict) -> tuple:
     """What must match for a captured graph to be replayed: the argument structure, each tensor's
     shape/dtype/device and every non-tensor value."""
-    leaves, spec = tree_flatten((args, kwargs))
+    return _signature(*tree_flatten((args, kwargs)))
+
+
+def _signature(leaves: list, spec) -> tuple:
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -62,18 +65,17 @@ class GraphedForward:
             raise QditError("cuda_graph: the transformer was called with gradients enabled; CUDA-graph replay is "
                             "for inference only. Call it under torch.no_grad() (diffusers pipelines do), or load "
                             "without cuda_graph.")
-        key = call_signature(args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        key = _signature(leaves, spec)
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self.graphs[key] = self._capture(args, kwargs)
-        leaves, _ = tree_flatten((args, kwargs))
+            captured = self.graphs[key] = self._capture(leaves, spec)
         for static, new in zip(captured.static_inputs, (t for t in leaves if isinstance(t, torch.Tensor))):
             static.copy_(new)
         captured.graph.replay()
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, captured.output)
 
-    def _capture(self, args: tuple, kwargs: dict) -> _Captured:
-        leaves, spec = tree_flatten((args, kwargs))
+    def _capture(self, leaves: list, spec) -> _Captured:
         devices = {t.device.type for t in leaves if isinstance(t, torch.Tensor)}
         if devices != {"cuda"}:
             raise QditError(f"cuda_graph: every tensor argument of the transformer must be on a CUDA device, "

@@ -5,8 +5,8 @@ Weights stay packed 4-bit in GPU memory. Two routes:
   decodes the FP4 codes and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3
   products are exact in bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
 - W4A8, for every other call (W4A4 and SVDQuant layers at every M: on the H200 it is the faster route
-  even at M = 1, and closer to the unquantized layer than W4A4). One Triton pass expands the layer's weight into an FP8 scratch tensor with a
-  per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
+  even at M = 1, and closer to the unquantized layer than W4A4). One Triton pass expands the layer's
+  weight into an FP8 scratch tensor with a per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
   quantizes activations to FP8 per token (smoothing folded in), and cuBLASLt's FP8 GEMM multiplies.
 
 Neither route reproduces W4A4's NVFP4 activation rounding (Hopper has no FP4 MMA); the GPU tests
@@ -210,32 +210,6 @@ def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     return torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
 
-def prepare_nvfp4_routes(layer, tensor_scale: torch.Tensor, channel_scale: torch.Tensor | None = None) -> None:
-    """Buffers of both routes for a layer whose weight is e2m1 * block_scale * tensor_scale [* channel_scale[n]]."""
-    channel = None if channel_scale is None else channel_scale.float()
-    prepare_w4a8_route(layer, tensor_scale * (1.0 if channel is None else channel))
-    layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
-    layer.register_buffer("w4a16_channel_scale", None if channel is None else channel.to(layer.compute_dtype),
-                          persistent=False)
-
-
-def nvfp4_routes(layer, xs: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor,
-                 weight_only: bool) -> torch.Tensor:
-    """xs [M, K] (smoothed) times the NVFP4 weight, plus the layer's bias: W4A16 for weight-only layers at
-    M <= SMALL_M, else W4A8. Uses the buffers of prepare_nvfp4_routes."""
-    channel = layer.w4a16_channel_scale
-    if weight_only and xs.shape[0] <= SMALL_M:
-        # The bias goes in the GEMV unless a per-channel scale must be applied to the product first.
-        y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale,
-                             layer.bias if channel is None else None)
-        if channel is None:
-            return y
-        y = y * channel
-    else:
-        y = w4a8_gemm(layer, xs, weight, block_scale, int4=False)
-    return y + layer.bias if layer.bias is not None else y
-
-
 class NVFP4HopperBackend:
     name = "nvfp4-hopper"
 
@@ -250,7 +224,9 @@ class NVFP4HopperBackend:
         return YES
 
     def prepare(self, layer) -> None:
-        prepare_nvfp4_routes(layer, layer.tensor("weight_scale_2").float())
+        tensor_scale = layer.tensor("weight_scale_2").float()
+        prepare_w4a8_route(layer, tensor_scale)
+        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
         smooth = layer.tensor("pre_quant_scale").float() if layer.layer_quant.pre_quant_scale else None
         layer.register_buffer("smooth", None if smooth is None else smooth.to(layer.compute_dtype), persistent=False)
         if layer.layer_quant.lora_rank:
@@ -264,8 +240,13 @@ class NVFP4HopperBackend:
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
-        y = nvfp4_routes(layer, xs, layer.tensor("weight"), layer.tensor("weight_scale"),
-                         weight_only=layer.layer_quant.scheme is Scheme.W4A16_NVFP4)
+        weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
+        if layer.layer_quant.scheme is Scheme.W4A16_NVFP4 and x2d.shape[0] <= SMALL_M:
+            y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale, layer.bias)
+        else:
+            y = w4a8_gemm(layer, xs, weight, block_scale, int4=False)
+            if layer.bias is not None:
+                y = y + layer.bias
         if layer.layer_quant.lora_rank:
             y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -14,8 +14,8 @@
     int32 product per 64-group (exact) and applies both groups' scales to it before the float32
     accumulation; its epilogue adds the bias and the low-rank up-projection (bf16 MMA over the rank).
     Same arithmetic as Nunchaku's W4A4, up to the order of float32 additions.
-- SVDQ_NVFP4 (W4A4, per-16 E4M3 groups): the routes of the NVFP4 Hopper backend (weights stay 4-bit;
-  W4A8 through an FP8 scratch expansion at every M). Per-16 activation groups are
+- SVDQ_NVFP4 (W4A4, per-16 E4M3 groups): the same W4A8 route (weights stay 4-bit; the FP4 codes times
+  wscales * wtscale * wcscales[n] expanded to FP8 per call). Per-16 activation groups are
   below the K of an FP8 MMA, so W4A4's activation rounding is not reproduced; W4A8 is closer to the
   unquantized layer than W4A4 (the GPU tests check it).
 - AWQ_W4A16 (the modulation linears, M = batch at most): a split-K Triton GEMV/GEMM that decodes
@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import (nvfp4_routes, prepare_nvfp4_routes, prepare_w4a8_route, split_k_plan,
-                                       w4a8_gemm)
+from qdit.kernels.nvfp4_hopper import prepare_w4a8_route, split_k_plan, w4a8_gemm
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
@@ -240,16 +239,17 @@ class SVDQuantHopperBackend:
             return
         dtype = layer.compute_dtype
         layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
+        if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
+            return  # the exact kernels read the canonical tensors as they are
+        # W4A8. INT4 weight = code * wscales; NVFP4 weight = e2m1 * wscales * wtscale * wcscales[n].
+        factor = torch.ones((), device=layer.tensor("qweight").device)
+        if lq.wtscale:
+            factor = factor * layer.tensor("wtscale").float()
+        if lq.wcscales:
+            factor = factor * layer.tensor("wcscales").float()
+        prepare_w4a8_route(layer, factor)
         layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
                               persistent=False)
-        if lq.scheme is Scheme.SVDQ_INT4:
-            if self.int4_w4a8:
-                prepare_w4a8_route(layer)  # weight = code * wscales
-            return
-        # NVFP4: weight = e2m1 * wscales * wtscale * wcscales[n]; the input is divided by smooth_factor.
-        device = layer.tensor("qweight").device
-        tensor_scale = layer.tensor("wtscale").float() if lq.wtscale else torch.ones((), device=device)
-        prepare_nvfp4_routes(layer, tensor_scale, layer.tensor("wcscales") if lq.wcscales else None)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -266,13 +266,10 @@ class SVDQuantHopperBackend:
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if lq.scheme is Scheme.SVDQ_INT4:
-            xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth
-            y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=True)
-            y = y + layer.bias if layer.bias is not None else y
-        else:
-            y = nvfp4_routes(layer, x2d * layer.inverse_smooth, layer.tensor("qweight"), layer.tensor("wscales"),
-                             weight_only=False)
+        xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth  # the shift: INT4 layers only
+        y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=lq.scheme is Scheme.SVDQ_INT4)
+        if layer.bias is not None:
+            y = y + layer.bias
         y = y + lora_act @ layer.tensor("proj_up").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -288,5 +285,5 @@ class SVDQuantHopperExactBackend(SVDQuantHopperBackend):
     def can_implement(self, layer_quant: LayerQuant, in_features: int, out_features: int) -> Verdict:
         if layer_quant.scheme is Scheme.SVDQ_NVFP4:
             return Verdict(False, "NVFP4 W4A4 needs FP4 tensor cores (Blackwell); on Hopper use svdq-hopper "
-                                  "(W4A16/W4A8 routes)")
+                                  "(its W4A8 route)")
         return super().can_implement(layer_quant, in_features, out_features)
