@@ -12,14 +12,15 @@ Weights stay packed 4-bit in GPU memory. Two routes:
 Neither route reproduces W4A4's NVFP4 activation rounding (Hopper has no FP4 MMA); the GPU tests
 check both against the reference backend and that W4A8 is at least as close to the unquantized
 layer as W4A4 math is. The SVDQuant low-rank branch runs as two small bf16 GEMMs on the unsmoothed
-input, its smoothing folded into the down-projection at load.
+input, its smoothing folded into the down-projection at load, the up-projection accumulated into the
+GEMM's output by cuBLAS (addmm).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, triton
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -204,8 +205,9 @@ def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
 
 
 def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
-    """xs [M, K] quantized to FP8 per token, times the 4-bit weight expanded into FP8 (no bias)."""
-    xq, token_scale = fp8_quant_per_token(xs)
+    """xs [M, K] quantized to FP8 per token, times the 4-bit weight expanded into FP8 (no bias). Under
+    torch.compile the quantization is plain tensor ops, fused into the kernel that produced xs."""
+    xq, token_scale = quantize_per_token(xs)
     w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4)
     return torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
@@ -248,5 +250,6 @@ class NVFP4HopperBackend:
             if layer.bias is not None:
                 y = y + layer.bias
         if layer.layer_quant.lora_rank:
-            y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
+            # addmm: cuBLAS adds the up-projection into y in its epilogue (no separate [M, N] pass).
+            y = torch.addmm(y, x2d @ layer.lora_down, layer.tensor("svdquant_lora_b").t())
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -36,7 +36,7 @@ def _expand(weight, scales, row_factor, int4):
 def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "nvfp4_w4a16_gemm", _w4a16)
     monkeypatch.setattr(nvfp4_hopper, "w4_expand_fp8", _expand)
-    monkeypatch.setattr(nvfp4_hopper, "fp8_quant_per_token", numerics.fp8_quantize_per_token)
+    monkeypatch.setattr(nvfp4_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
 
 
 def _layer(lq, gen):
