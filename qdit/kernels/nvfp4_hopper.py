@@ -6,24 +6,24 @@ Weights stay packed 4-bit in GPU memory. Two routes:
   products are exact in bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
 - W4A8, for every other call (W4A4 and SVDQuant layers at every M: on the H200 it is the faster route
   even at M = 1, and closer to the unquantized layer than W4A4). One Triton pass expands the layer's
-  weight into an FP8 scratch tensor with a per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), one pass
-  quantizes activations to FP8 per token (smoothing folded in), and cuBLASLt's FP8 GEMM multiplies.
+  weight into an FP8 scratch tensor with a per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale *
+  weight_scale_2 / row_scale)), activations are quantized to FP8 (smoothing folded in; per tensor from the
+  calibrated input_scale where the layer has one, else per token), and cuBLASLt's FP8 GEMM multiplies.
 
 Neither route reproduces W4A4's NVFP4 activation rounding (Hopper has no FP4 MMA); the GPU tests
 check both against the reference backend and that W4A8 is at least as close to the unquantized
 layer as W4A4 math is. The SVDQuant low-rank branch runs as two small bf16 GEMMs on the unsmoothed
-input, its smoothing folded into the down-projection at load, the up-projection accumulated into the
-GEMM's output by cuBLAS (addmm).
+input, its smoothing folded into the down-projection at load.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, quantize_static, triton
 from qdit.kernels.registry import YES, Verdict
 from qdit.quant import numerics
-from qdit.quant.scheme import LayerQuant, Scheme
+from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
 if triton is not None:
     import triton.language as tl
@@ -204,12 +204,19 @@ def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
     layer.register_buffer("w4a8_row_factor", (factor / row_scale).contiguous(), persistent=False)
 
 
-def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
-    """xs [M, K] quantized to FP8 per token, times the 4-bit weight expanded into FP8 (no bias). Under
-    torch.compile the quantization is plain tensor ops, fused into the kernel that produced xs."""
-    xq, token_scale = quantize_per_token(xs)
+def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool,
+              input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [M, K] quantized to FP8, times the 4-bit weight expanded into FP8 (no bias). Activation scales:
+    per token, or input_scale (a calibrated per-tensor FP8 scale) where the layer has one, which keeps the
+    quantization elementwise. Under torch.compile it is plain tensor ops, fused into the kernel that
+    produced xs."""
+    if input_scale is None:
+        xq, scale_a = quantize_per_token(xs)
+    else:
+        xq = quantize_static(xs, input_scale)
+        scale_a = input_scale.reshape(1, 1).expand(xs.shape[0], 1).contiguous()  # cuBLASLt row-wise: [M, 1]
     w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4)
-    return torch._scaled_mm(xq, w8.t(), scale_a=token_scale, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
+    return torch._scaled_mm(xq, w8.t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
 
 class NVFP4HopperBackend:
@@ -229,6 +236,11 @@ class NVFP4HopperBackend:
         tensor_scale = layer.tensor("weight_scale_2").float()
         prepare_w4a8_route(layer, tensor_scale)
         layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
+        # A calibrated NVFP4 input_scale is amax / (6 * 448): amax / 448 is the FP8 scale with the same
+        # saturation point as the format's own W4A4 quantization.
+        static = layer.layer_quant.activation_scale is ActivationScale.STATIC
+        fp8_input_scale = layer.tensor("input_scale").float() * numerics.E2M1_MAX if static else None
+        layer.register_buffer("w4a8_input_scale", fp8_input_scale, persistent=False)
         smooth = layer.tensor("pre_quant_scale").float() if layer.layer_quant.pre_quant_scale else None
         layer.register_buffer("smooth", None if smooth is None else smooth.to(layer.compute_dtype), persistent=False)
         if layer.layer_quant.lora_rank:
@@ -246,10 +258,9 @@ class NVFP4HopperBackend:
         if layer.layer_quant.scheme is Scheme.W4A16_NVFP4 and x2d.shape[0] <= SMALL_M:
             y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale, layer.bias)
         else:
-            y = w4a8_gemm(layer, xs, weight, block_scale, int4=False)
+            y = w4a8_gemm(layer, xs, weight, block_scale, int4=False, input_scale=layer.w4a8_input_scale)
             if layer.bias is not None:
                 y = y + layer.bias
         if layer.layer_quant.lora_rank:
-            # addmm: cuBLAS adds the up-projection into y in its epilogue (no separate [M, N] pass).
-            y = torch.addmm(y, x2d @ layer.lora_down, layer.tensor("svdquant_lora_b").t())
+            y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])

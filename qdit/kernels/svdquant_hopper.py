@@ -270,7 +270,7 @@ class SVDQuantHopperBackend:
         y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=lq.scheme is Scheme.SVDQ_INT4)
         if layer.bias is not None:
             y = y + layer.bias
-        y = torch.addmm(y, lora_act, layer.tensor("proj_up").t())  # up-projection added in cuBLAS's epilogue
+        y = y + lora_act @ layer.tensor("proj_up").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

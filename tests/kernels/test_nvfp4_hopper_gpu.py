@@ -82,9 +82,10 @@ def test_compiles_without_graph_break():
     layer.backend.prepare(layer)
     block = torch.nn.Sequential(layer, torch.nn.GELU())
     compiled = torch.compile(block, fullgraph=True)
-    torch.testing.assert_close(compiled(x), block(x), atol=3e-2, rtol=3e-2)
-    small = x[:5]
-    torch.testing.assert_close(compiled(small), block(small), atol=3e-2, rtol=3e-2)
+    # Compiled, the activation quantization is fused into the producing kernel, which keeps the smoothed
+    # input in float32 where eager rounds it to bf16: a few FP8 codes differ by one step.
+    for rows in (x, x[:5]):
+        assert rel(compiled(rows), block(rows)) < 0.02
 
 
 @pytest.mark.parametrize("n,k", [(3072, 3072), (384, 256), (48, 12288)])

@@ -37,6 +37,7 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "nvfp4_w4a16_gemm", _w4a16)
     monkeypatch.setattr(nvfp4_hopper, "w4_expand_fp8", _expand)
     monkeypatch.setattr(nvfp4_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
+    monkeypatch.setattr(nvfp4_hopper, "quantize_static", numerics.fp8_quantize_static)
 
 
 def _layer(lq, gen):
@@ -48,10 +49,13 @@ def _layer(lq, gen):
     return layer
 
 
+CALIBRATED_AMAX = 7.0  # about the amax of the smoothed test inputs (randn * smoothing up to 1.5)
+
+
 def modelopt_svd_layer(gen):
     layer = _layer(LayerQuant(Scheme.NVFP4_SVD, ActivationScale.STATIC, pre_quant_scale=True, lora_rank=32), gen)
     layer.set_tensor("pre_quant_scale", torch.rand(K, generator=gen) + 0.5)
-    layer.set_tensor("input_scale", torch.tensor(1.0))
+    layer.set_tensor("input_scale", torch.tensor(CALIBRATED_AMAX / (6 * 448)))
     smooth = layer.tensor("pre_quant_scale").float()
 
     def exact(x):  # x * s through the NVFP4 weight and the low-rank branch, activations unquantized
@@ -131,3 +135,21 @@ def test_routes_compute_the_layer(make, m, bound):
     got = backend.apply(layer, x).float()
     want = exact(x)
     assert ((got - want).norm() / want.norm()).item() < bound
+
+
+def test_calibrated_layers_quantize_activations_per_tensor():
+    """A W4A4 layer with a calibrated input_scale (amax / (6 * 448)) takes FP8 activations scaled by
+    amax / 448 on the W4A8 route; inputs beyond the calibrated amax saturate, as in the format's W4A4."""
+    gen = torch.Generator().manual_seed(3)
+    backend, layer, _ = modelopt_svd_layer(gen)
+    backend.prepare(layer)
+    x = torch.randn(8, K, generator=gen).to(torch.bfloat16) * 4  # beyond the calibrated amax
+    smooth = layer.tensor("pre_quant_scale").float()
+    xs = (x.float() * smooth).to(torch.bfloat16)
+    fp8_scale = torch.tensor(CALIBRATED_AMAX / 448)
+    w8 = _expand(layer.tensor("weight"), layer.tensor("weight_scale"), layer.w4a8_row_factor, int4=False)
+    want = ((numerics.fp8_quantize_static(xs, fp8_scale).float() * fp8_scale)
+            @ (w8.float() * layer.w4a8_row_scale.reshape(-1, 1)).t()).to(torch.bfloat16).float()
+    want = want + layer.bias.float() + (x.float() @ layer.lora_down.float()) @ layer.tensor("svdquant_lora_b").float().t()
+    got = backend.apply(layer, x).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.01

@@ -120,7 +120,10 @@ def test_ops_compile_without_graph_breaks(backend, m):
     eager = run(layer, backend, x)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)(x)
-    assert torch.equal(eager, compiled)
+    if backend == "svdq-hopper-exact":
+        assert torch.equal(eager, compiled)  # its custom ops run as they do eagerly
+    else:  # the FP8 quantization is fused under compile, with the shifted, smoothed input kept in float32
+        assert rel(compiled, eager) < 0.02
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
