@@ -1,5 +1,6 @@
 """Side-by-side timing of FP8-expansion kernel variants (an experiment; the winner goes into
-qdit/kernels/nvfp4_hopper.py). Each variant's output is checked equal in value to the current kernel's.
+qdit/kernels/nvfp4_hopper.py). Each variant's output is checked equal in value to the current kernel's;
+table=False decodes E2M1 from its bits, as qdit did before the table (tree 3eca7f4).
 
     python benchmarks/kernels/expand_variants.py --out benchmarks/results/expand-variants-h200.txt
 """
@@ -16,7 +17,17 @@ from qdit.kernels import nvfp4_hopper as k4
 
 SHAPES = [(3072, 12288), (12288, 3072), (3072, 3072)]  # (N, K)
 TILES = [(16, 256, 8), (8, 512, 8), (32, 128, 8), (16, 512, 8), (32, 256, 8), (8, 256, 4)]  # BLOCK_N, BLOCK_B, warps
-E2M1_TWICE_TABLE = 0xC8643210 - (1 << 32)  # nibble i = 2 * |e2m1 value of code i|, as an int32 constant
+E2M1_TWICE_TABLE = tl.constexpr(0xC8643210 - (1 << 32))  # nibble i = 2 * |e2m1 value of code i|, as an int32 constant
+
+
+@triton.jit
+def _e2m1_from_bits(code):
+    """The decode qdit used before the table (tree 3eca7f4): the value computed from the code's bits."""
+    m = code & 7
+    e = (m >> 1).to(tl.int32)
+    normal = (2 + (m & 1)).to(tl.float32) * (1 << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
+    mag = tl.where(m < 2, m.to(tl.float32) * 0.5, normal)
+    return tl.where((code & 8) != 0, -mag, mag)
 
 
 @triton.jit
@@ -52,7 +63,7 @@ def _variant_kernel(w_ptr, s_ptr, rf_ptr, out_ptr, N, K, INT4: tl.constexpr, GRO
         lo = tl.where(lo_c >= 8, -lo_m, lo_m).to(tl.float32)
         hi = tl.where(hi_c >= 8, -hi_m, hi_m).to(tl.float32)
     else:
-        lo, hi = k4._e2m1_value(lo_c), k4._e2m1_value(hi_c)
+        lo, hi = _e2m1_from_bits(lo_c), _e2m1_from_bits(hi_c)
     lo = tl.clamp(lo * scale, -448.0, 448.0)
     hi = tl.clamp(hi * scale, -448.0, 448.0)
     w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))

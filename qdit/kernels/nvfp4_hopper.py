@@ -35,14 +35,16 @@ SMALL_M = 16
 
 if triton is not None:
 
+    # Nibble i of this int32 constant is twice the magnitude of E2M1 code i (0, 0.5, 1, 1.5, 2, 3, 4, 6):
+    # one shift and mask per element decode a code, about half the instructions of computing it from
+    # its bits, which made the expansion 1.5x faster on the H200 (benchmarks/kernels/expand_variants.py).
+    E2M1_TWICE_TABLE = tl.constexpr(0xC8643210 - (1 << 32))
+
     @triton.jit
-    def _e2m1_value(code):
-        """Float value of 4-bit E2M1 codes, computed from the bits (no table lookup)."""
-        m = code & 7
-        e = (m >> 1).to(tl.int32)
-        normal = (2 + (m & 1)).to(tl.float32) * (1 << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
-        mag = tl.where(m < 2, m.to(tl.float32) * 0.5, normal)
-        return tl.where((code & 8) != 0, -mag, mag)
+    def _e2m1_twice(code):
+        """Twice the float value of 4-bit E2M1 codes (int32 codes 0..15)."""
+        mag = (E2M1_TWICE_TABLE >> ((code & 7) << 2)) & 0xF
+        return tl.where(code >= 8, -mag, mag).to(tl.float32)
 
     @triton.jit
     def _e2m1_bf16(code):
@@ -69,17 +71,20 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
-                         mask=(offs_n < N)[:, None] & (offs_b[None, :] < kb), other=0)
+                         mask=(offs_n < N)[:, None] & (offs_b[None, :] < kb), other=0).to(tl.int32)
         offs_s = pid_b * (BLOCK_B // (GROUP // 2)) + tl.arange(0, BLOCK_B // (GROUP // 2))
         scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :],
                         mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
-        scale = scale * tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+        row_factor = tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)
+        if not INT4:
+            row_factor = row_factor * 0.5  # _e2m1_twice decodes twice the value
+        scale = scale * row_factor[:, None]
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // (GROUP // 2), GROUP // 2)),
                            (BLOCK_N, BLOCK_B))
         if INT4:
             lo, hi = _int4_value(packed & 0xF), _int4_value(packed >> 4)
         else:
-            lo, hi = _e2m1_value(packed & 0xF), _e2m1_value(packed >> 4)
+            lo, hi = _e2m1_twice(packed & 0xF), _e2m1_twice(packed >> 4)
         lo = tl.clamp(lo * scale, -448.0, 448.0)
         hi = tl.clamp(hi * scale, -448.0, 448.0)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
@@ -135,10 +140,10 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     return out
 
 
-# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps. NVFP4: the fastest in an H200 sweep of this
-# kernel (about 1.3 TB/s read + written, benchmarks/results/nvfp4-expand-sweep.txt). INT4: the fastest
-# for a variant that stored byte pairs (2.1 TB/s, benchmarks/results/rejected/); this store not swept.
-EXPAND_TILES = {"nvfp4": (16, 256, 8), "int4": (8, 512, 8)}
+# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the best or within 4 % of the best on
+# Qwen-Image's shapes in an H200 sweep, 1.3-2.4 TB/s read + written
+# (benchmarks/results/h200-2026-12-03b/expand-variants.txt).
+EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4)}
 
 
 @torch.library.custom_op("qdit::w4_expand_fp8", mutates_args=())
