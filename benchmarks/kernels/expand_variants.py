@@ -2,7 +2,7 @@
 qdit/kernels/nvfp4_hopper.py). Each variant's output is checked equal in value to the current kernel's;
 table=False decodes E2M1 from its bits, as qdit did before the table (tree 3eca7f4).
 
-    python benchmarks/kernels/expand_variants.py --out benchmarks/results/expand-variants-h200.txt
+    python benchmarks/kernels/expand_variants.py --out benchmarks/results/h200-2026-12-03b/expand-variants.txt
 """
 
 import argparse
