@@ -33,12 +33,15 @@ if triton is not None:
 # expansion 44-65 us plus a small FP8 GEMM (benchmarks/results/nvfp4-expand-sweep.txt).
 SMALL_M = 16
 
+# Nibble i of this int32 constant is twice the magnitude of E2M1 code i (0, 0.5, 1, 1.5, 2, 3, 4, 6):
+# a shift and a mask decode a code. With the same bytes moved, this made the expansion 1.5x faster on
+# the H200 than computing the value from the code's bits, so the kernel is bound by its instructions
+# (benchmarks/kernels/expand_variants.py, benchmarks/results/h200-2026-12-03b/expand-variants.txt).
+E2M1_TWICE_NIBBLES = 0xC8643210 - (1 << 32)
+
 if triton is not None:
 
-    # Nibble i of this int32 constant is twice the magnitude of E2M1 code i (0, 0.5, 1, 1.5, 2, 3, 4, 6):
-    # one shift and mask per element decode a code, about half the instructions of computing it from
-    # its bits, which made the expansion 1.5x faster on the H200 (benchmarks/kernels/expand_variants.py).
-    E2M1_TWICE_TABLE = tl.constexpr(0xC8643210 - (1 << 32))
+    E2M1_TWICE_TABLE = tl.constexpr(E2M1_TWICE_NIBBLES)
 
     @triton.jit
     def _e2m1_twice(code):

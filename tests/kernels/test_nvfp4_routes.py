@@ -153,3 +153,10 @@ def test_calibrated_layers_quantize_activations_per_tensor():
     want = want + layer.bias.float() + (x.float() @ layer.lora_down.float()) @ layer.tensor("svdquant_lora_b").float().t()
     got = backend.apply(layer, x).float()
     assert ((got - want).norm() / want.norm()).item() < 0.01
+
+
+def test_e2m1_nibble_table_holds_twice_each_code_value():
+    """The expansion kernel decodes E2M1 codes through this constant (shift, mask, sign from bit 3)."""
+    table = nvfp4_hopper.E2M1_TWICE_NIBBLES
+    decoded = [((table >> (4 * (c & 7))) & 0xF) * (-1 if c & 8 else 1) / 2 for c in range(16)]
+    assert decoded == numerics.e2m1_table().tolist()
