@@ -28,9 +28,11 @@ from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 if triton is not None:
     import triton.language as tl
 
-# Largest M on the W4A16 route (weight-only layers); above it W4A8. On the H200 the W4A16 GEMM takes
-# 68-112 us at M = 1..16 on Qwen-Image's large weights and 270 us at M = 64; the W4A8 route's weight
-# expansion 44-65 us plus a small FP8 GEMM (benchmarks/results/nvfp4-expand-sweep.txt).
+# Largest M on the W4A16 route (weight-only layers, whose activations it leaves unquantized); above it
+# W4A8. On the H200 the W4A16 GEMM took 68-112 us at M = 1..16 on Qwen-Image's large weights and 270 us
+# at M = 64, against 44-65 us for the old weight expansion plus a small FP8 GEMM
+# (benchmarks/results/nvfp4-expand-sweep.txt). The table decode has since made the expansion 29-36 us;
+# the two routes have not been compared again.
 SMALL_M = 16
 
 # Nibble i of this int32 constant is twice the magnitude of E2M1 code i (0, 0.5, 1, 1.5, 2, 3, 4, 6):
@@ -243,7 +245,9 @@ class NVFP4HopperBackend:
     def prepare(self, layer) -> None:
         tensor_scale = layer.tensor("weight_scale_2").float()
         prepare_w4a8_route(layer, tensor_scale)
-        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
+        w4a16 = layer.layer_quant.scheme is Scheme.W4A16_NVFP4  # the only scheme that takes the W4A16 route
+        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous() if w4a16 else None,
+                              persistent=False)
         # A calibrated NVFP4 input_scale is amax / (6 * 448): amax / 448 is the FP8 scale with the same
         # saturation point as the format's own W4A4 quantization.
         static = layer.layer_quant.activation_scale is ActivationScale.STATIC
