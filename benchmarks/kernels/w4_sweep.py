@@ -2,7 +2,7 @@
 
 - FP8 expansion (NVFP4 and INT4 codes -> e4m3), GB/s counting bytes read + written, next to the time of
   the FP8 GEMM it feeds at M = 4096 + 256 tokens;
-- the NVFP4 W4A16 GEMM at M = 1 and 16 against torch's bf16 matmul on the same shape.
+- the 4-bit GEMV (NVFP4, AWQ) at M = 1..16 against the W4A8 route and torch's bf16 and FP8 GEMMs.
 
     python benchmarks/kernels/w4_sweep.py --out benchmarks/results/w4-sweep-h200.txt
 """
@@ -15,6 +15,8 @@ import triton
 from triton.testing import do_bench
 
 from qdit.kernels import nvfp4_hopper as k4
+from qdit.kernels import w4_gemv as gemv
+from qdit.quant import numerics
 
 SHAPES = [(3072, 12288), (12288, 3072), (18432, 3072), (3072, 3072)]  # (N, K)
 TOKENS = 4096 + 256
@@ -55,35 +57,65 @@ def sweep_expand(lines):
         print(lines[-1], flush=True)
 
 
-def sweep_w4a16(lines):
-    lines.append("NVFP4 W4A16 GEMM vs bf16 matmul (tiles: BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM)")
-    for (n, k), m in itertools.product(SHAPES[:3], (1, 16)):
+GEMV_SHAPES = [(18432, 3072), (6144, 3072), (9216, 3072), (15360, 256)]  # Qwen/FLUX modulation, norm_out, Z-Image adaLN
+
+
+def sweep_gemv(lines):
+    """The 4-bit GEMV (NVFP4 and AWQ codes) against the W4A8 route (expansion + FP8 GEMM), cuBLAS bf16 and FP8
+    at M = 1..16; do_bench empties L2 between calls, as 121 distinct weights read in turn do. Each GEMV
+    result is checked against the dequantized weight in float32."""
+    lines.append("4-bit GEMV (tiles: BLOCK_N, BLOCK_W, warps, programs per SM) vs W4A8 route, bf16 and FP8 GEMMs")
+    configs = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4, 8), (4,))) + \
+        [(32, 32, 4, p) for p in (1, 2, 8)]
+    for (n, k) in GEMV_SHAPES:
         w, s = packed_weight(n, k, int4=False)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         g = torch.ones(1, device="cuda")
-        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        t_bf16 = bench(lambda: x @ wb.t())
-        best = None
-        for bn, bb, nw, per_sm in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 4, 8)):
-            tiles = (16, bn, bb, nw, per_sm)
-            t = bench(lambda: k4._w4a16(x, w, s, g, None, tiles))
-            best = min(best or (t, ()), (t, tiles))
-        default = bench(lambda: k4._w4a16(x, w, s, g, None, k4.W4A16_TILES))
-        lines.append(f"  M={m} N={n} K={k}: best {best[0]:.1f} us {best[1]}; W4A16_TILES {default:.1f} us; "
-                     f"bf16 {t_bf16:.1f} us (W4A16_TILES / bf16 {default / t_bf16:.2f}x)")
-        print(lines[-1], flush=True)
+        wq = numerics.nvfp4_dequantize(numerics.unpack_nibbles(w), s, g)
+        aw, asc = packed_weight(n, k, int4=True)
+        az = torch.randn_like(asc)
+        awq_w = numerics.unpack_nibbles(aw).float() * asc.float().repeat_interleave(64, 1) + \
+            az.float().repeat_interleave(64, 1)
+        wb = wq.to(torch.bfloat16)
+        w8, one = wq.to(torch.float8_e4m3fn), torch.ones(1, 1, device="cuda")
+        rf, row_scale = torch.ones(n, device="cuda"), torch.ones(1, n, device="cuda")
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, ones_m = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device="cuda")
+            sweep = m in (1, 8)
+            best = None
+            for tiles in (configs if sweep else [gemv.GEMV_TILES]):
+                t = bench(lambda: gemv._gemv(x, w, s, None, False, tiles))
+                best = min(best or (t, ()), (t, tiles))
+            t_default = bench(lambda: gemv._gemv(x, w, s, None, False))
+            err = rel(gemv._gemv(x, w, s, None, False) * 0.5, x.float() @ wq.t())
+            t_awq = bench(lambda: gemv._gemv(x, aw, asc, az, True))
+            err_awq = rel(gemv._gemv(x, aw, asc, az, True), x.float() @ awq_w.t())
+            t_w4a8 = bench(lambda: torch._scaled_mm(xq, k4._expand_fp8(w, s, rf, False).t(), scale_a=ones_m,
+                                                    scale_b=row_scale, out_dtype=torch.bfloat16))
+            t_bf16 = bench(lambda: x @ wb.t())
+            t_fp8 = bench(lambda: torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+            gbs = n * k * (0.5 + 1 / 16) / 1e3 / t_default
+            lines.append(f"  N={n} K={k} M={m}: nvfp4 GEMV {t_default:.1f} us ({gbs:.0f} GB/s, rel err {err:.1e})"
+                         + (f", best {best[0]:.1f} us {best[1]}" if sweep else "")
+                         + f"; awq GEMV {t_awq:.1f} us (rel err {err_awq:.1e}); W4A8 route {t_w4a8:.1f} us; "
+                         f"bf16 {t_bf16:.1f} us; fp8 {t_fp8:.1f} us")
+            print(lines[-1], flush=True)
+
+
+def rel(a, b):
+    return ((a.float() - b).norm() / b.norm()).item()
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
-    parser.add_argument("--only", default="expand,w4a16")
+    parser.add_argument("--only", default="expand,gemv")
     args = parser.parse_args()
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}"]
     if "expand" in args.only:
         sweep_expand(lines)
-    if "w4a16" in args.only:
-        sweep_w4a16(lines)
+    if "gemv" in args.only:
+        sweep_gemv(lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -1,17 +1,17 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
 Weights stay packed 4-bit in GPU memory. Two routes:
-- W4A16, for weight-only NVFP4 layers (W4A16_NVFP4) at M <= SMALL_M tokens: a Triton GEMM that
-  decodes the FP4 codes and block scales inside its main loop and multiplies in bf16. e2m1 x e4m3
-  products are exact in bf16, so the weight is exactly the NVFP4 weight; activations are not quantized.
-- W4A8, for every other call (W4A4 and SVDQuant layers at every M: on the H200 it is the faster route
-  even at M = 1, and closer to the unquantized layer than W4A4). One Triton pass expands the layer's
-  weight into an FP8 scratch tensor with a per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale *
-  weight_scale_2 / row_scale)), activations are quantized to FP8 (smoothing folded in; per tensor from the
-  calibrated input_scale where the layer has one, else per token), and cuBLASLt's FP8 GEMM multiplies.
+- GEMV, for every NVFP4 layer at M <= SMALL_M rows (in DiTs the timestep-conditioning Linears, M = batch):
+  qdit.kernels.w4_gemv reads the packed codes once and multiplies in float32 on the CUDA cores. The weight
+  is exactly the NVFP4 weight; activations stay in the model dtype (W4A16 math, closer to the unquantized
+  layer than W4A4's). At these M a layer is bound by reading its weight, and the codes are the fewest bytes.
+- W4A8, for every larger M. One Triton pass expands the layer's weight into an FP8 scratch tensor with a
+  per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), activations are
+  quantized to FP8 (smoothing folded in; per tensor from the calibrated input_scale where the layer has
+  one, else per token), and cuBLASLt's FP8 GEMM multiplies.
 
 Neither route reproduces W4A4's NVFP4 activation rounding (Hopper has no FP4 MMA); the GPU tests
-check both against the reference backend and that W4A8 is at least as close to the unquantized
+check both against the reference backend and that each is at least as close to the unquantized
 layer as W4A4 math is. The SVDQuant low-rank branch runs as two small bf16 GEMMs on the unsmoothed
 input, its smoothing folded into the down-projection at load.
 """
@@ -22,49 +22,22 @@ import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, quantize_static, triton
 from qdit.kernels.registry import YES, Verdict
+from qdit.kernels.w4_codes import E2M1_FP16_UNSCALE
+from qdit.kernels.w4_gemv import GEMV_MAX_M, nvfp4_gemv
 from qdit.quant import numerics
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
 if triton is not None:
     import triton.language as tl
 
-# Largest M on the W4A16 route (weight-only layers, whose activations it leaves unquantized); above it
-# W4A8. On the H200 the W4A16 GEMM took 68-112 us at M = 1..16 on Qwen-Image's large weights and 270 us
-# at M = 64, against 44-65 us for the old weight expansion plus a small FP8 GEMM
-# (benchmarks/results/nvfp4-expand-sweep.txt). The table decode has since made the expansion 29-36 us;
-# the two routes have not been compared again.
-SMALL_M = 16
+    from qdit.kernels.w4_codes import e2m1_fp16_scaled, int4_value
 
-# Nibble i of this int32 constant is twice the magnitude of E2M1 code i (0, 0.5, 1, 1.5, 2, 3, 4, 6):
-# a shift and a mask decode a code. With the same bytes moved, this made the expansion 1.5x faster on
-# the H200 than computing the value from the code's bits, so the kernel is bound by its instructions
-# (benchmarks/kernels/expand_variants.py, benchmarks/results/h200-2026-12-03b/expand-variants.txt).
-E2M1_TWICE_NIBBLES = 0xC8643210 - (1 << 32)
+# Largest M on the GEMV route; above it W4A8.
+SMALL_M = GEMV_MAX_M
 
 if triton is not None:
 
-    E2M1_TWICE_TABLE = tl.constexpr(E2M1_TWICE_NIBBLES)
-
-    @triton.jit
-    def _e2m1_twice(code):
-        """Twice the float value of 4-bit E2M1 codes (int32 codes 0..15)."""
-        mag = (E2M1_TWICE_TABLE >> ((code & 7) << 2)) & 0xF
-        return tl.where(code >= 8, -mag, mag).to(tl.float32)
-
-    @triton.jit
-    def _e2m1_bf16(code):
-        """bf16 value of 4-bit E2M1 codes, assembled from bits: magnitudes 1..6 are 0x3F80 + (m-2)*64,
-        0.5 is 0x3F00, 0 is 0; bit 3 of the code becomes the sign bit."""
-        m = (code & 7).to(tl.int32)
-        bits = tl.where(m >= 2, 0x3F80 + ((m - 2) << 6), tl.where(m == 1, 0x3F00, 0))
-        bits = bits | ((code & 8).to(tl.int32) << 12)
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _int4_value(code):
-        """Float value of two's-complement 4-bit codes (-8..7)."""
-        c = code.to(tl.int32)
-        return (c - ((c & 8) << 1)).to(tl.float32)
+    E2M1_UNSCALE = tl.constexpr(E2M1_FP16_UNSCALE)
 
     @triton.jit
     def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, out_ptr, N, K, INT4: tl.constexpr, GROUP: tl.constexpr,
@@ -82,56 +55,20 @@ if triton is not None:
                         mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
         row_factor = tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)
         if not INT4:
-            row_factor = row_factor * 0.5  # _e2m1_twice decodes twice the value
+            row_factor = row_factor * E2M1_UNSCALE  # e2m1_fp16_scaled decodes value * 2**-14
         scale = scale * row_factor[:, None]
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // (GROUP // 2), GROUP // 2)),
                            (BLOCK_N, BLOCK_B))
         if INT4:
-            lo, hi = _int4_value(packed & 0xF), _int4_value(packed >> 4)
+            lo, hi = int4_value(packed & 0xF), int4_value(packed >> 4)
         else:
-            lo, hi = _e2m1_twice(packed & 0xF), _e2m1_twice(packed >> 4)
+            lo, hi = e2m1_fp16_scaled(packed), e2m1_fp16_scaled(packed >> 4)
         lo = tl.clamp(lo * scale, -448.0, 448.0)
         hi = tl.clamp(hi * scale, -448.0, 448.0)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
         offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
                  mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
-
-    @triton.jit
-    def _w4a16_kernel(x_ptr, w_ptr, bs_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        """Partial sums over one K slice: out[split, m, n] = sum_k x[m, k] * e2m1(code[n, k]) * bs[n, k/16].
-
-        Weight tiles are read row-major (coalesced bytes along K); even and odd K elements (low and
-        high nibbles) are multiplied against the even and odd columns of x.
-        """
-        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kb = K // 2
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask, nmask = offs_m < M, offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b_start = pid_s * (K_PER_SPLIT // 2)
-        for b0 in range(b_start, b_start + K_PER_SPLIT // 2, BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)
-            bmask = offs_b < kb
-            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
-                             other=0)
-            offs_s = b0 // 8 + tl.arange(0, BLOCK_B // 8)
-            scale = tl.load(bs_ptr + offs_n[:, None] * (K // 16) + offs_s[None, :],
-                            mask=nmask[:, None] & (offs_s[None, :] < K // 16), other=0.0).to(tl.float32)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)),
-                               (BLOCK_N, BLOCK_B)).to(tl.bfloat16)
-            # e2m1 (2 significant bits) x e4m3 (4 bits) fits bf16's 8-bit significand: exact.
-            w_lo = _e2m1_bf16(packed & 0xF) * scale
-            w_hi = _e2m1_bf16(packed >> 4) * scale
-            xmask = mmask[:, None] & bmask[None, :]
-            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=xmask, other=0.0)
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=xmask, other=0.0)
-            acc = tl.dot(x_lo.to(tl.bfloat16), tl.trans(w_lo), acc)
-            acc = tl.dot(x_hi.to(tl.bfloat16), tl.trans(w_hi), acc)
-        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                 mask=mmask[:, None] & nmask[None, :])
 
 
 def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool) -> torch.Tensor:
@@ -161,47 +98,6 @@ def w4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.
 @w4_expand_fp8.register_fake
 def _(weight, scales, row_factor, int4):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
-
-
-@torch.library.custom_op("qdit::nvfp4_w4a16_gemm", mutates_args=())
-def nvfp4_w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ dequant(NVFP4 weight)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
-    return _w4a16(x, weight, block_scale, global_scale, bias, W4A16_TILES)
-
-
-W4A16_TILES = (16, 64, 64, 4, 4)  # BLOCK_M, BLOCK_N, BLOCK_B, warps, programs per SM
-
-
-def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,
-                 device: torch.device) -> tuple[int, int]:
-    """(splits, K per split, a multiple of k_step): enough programs to give each SM per_sm of them at
-    small M, where the output tiles alone would leave most of the GPU idle."""
-    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(k // k_step, triton.cdiv(per_sm * sms, count)))
-    k_per_split = triton.cdiv(k // k_step, splits) * k_step
-    return triton.cdiv(k, k_per_split), k_per_split
-
-
-def _w4a16(x, weight, block_scale, global_scale, bias, tiles):
-    m, k = x.shape
-    n = weight.shape[0]
-    block_m, block_n, block_b, warps, per_sm = tiles
-    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, 2 * block_b, per_sm, x.device)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _w4a16_kernel[grid](x, weight, block_scale, partial, m, n, k, x.stride(0), k_per_split,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
-    out = partial.sum(0) * global_scale
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
-
-
-@nvfp4_w4a16_gemm.register_fake
-def _(x, weight, block_scale, global_scale, bias):
-    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
 def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
@@ -245,9 +141,7 @@ class NVFP4HopperBackend:
     def prepare(self, layer) -> None:
         tensor_scale = layer.tensor("weight_scale_2").float()
         prepare_w4a8_route(layer, tensor_scale)
-        w4a16 = layer.layer_quant.scheme is Scheme.W4A16_NVFP4  # the only scheme that takes the W4A16 route
-        layer.register_buffer("w4a16_global_scale", tensor_scale.reshape(1).contiguous() if w4a16 else None,
-                              persistent=False)
+        layer.register_buffer("gemv_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
         # A calibrated NVFP4 input_scale is amax / (6 * 448): amax / 448 is the FP8 scale with the same
         # saturation point as the format's own W4A4 quantization.
         static = layer.layer_quant.activation_scale is ActivationScale.STATIC
@@ -267,8 +161,8 @@ class NVFP4HopperBackend:
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
         weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
-        if layer.layer_quant.scheme is Scheme.W4A16_NVFP4 and x2d.shape[0] <= SMALL_M:
-            y = nvfp4_w4a16_gemm(xs, weight, block_scale, layer.w4a16_global_scale, layer.bias)
+        if x2d.shape[0] <= SMALL_M:
+            y = nvfp4_gemv(xs, weight, block_scale, layer.gemv_global_scale, layer.bias)
         else:
             y = w4a8_gemm(layer, xs, weight, block_scale, int4=False, input_scale=layer.w4a8_input_scale)
             if layer.bias is not None:

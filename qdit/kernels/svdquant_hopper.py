@@ -18,8 +18,8 @@
   wscales * wtscale * wcscales[n] expanded to FP8 per call). Per-16 activation groups are
   below the K of an FP8 MMA, so W4A4's activation rounding is not reproduced; W4A8 is closer to the
   unquantized layer than W4A4 (the GPU tests check it).
-- AWQ_W4A16 (the modulation linears, M = batch at most): a split-K Triton GEMV/GEMM that decodes
-  code * scale + zero per 64-group in its main loop.
+- AWQ_W4A16 (the modulation linears, M = batch): qdit.kernels.w4_gemv, which reads the packed codes
+  (code * scale + zero per 64-group) once: a GEMV at one or two rows, a tensor-core kernel above.
 
 The low-rank branch reads the unsmoothed input, as in Nunchaku: its down-projection is one bf16 GEMM.
 """
@@ -29,10 +29,11 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import prepare_w4a8_route, split_k_plan, w4a8_gemm
+from qdit.kernels.nvfp4_hopper import prepare_w4a8_route, w4a8_gemm
 from qdit.kernels.registry import YES, Verdict
+from qdit.kernels.w4_gemv import awq_w4a16_gemm
 from qdit.quant.scheme import LayerQuant, Scheme
-from qdit.quant.svdquant import AWQ_GROUP, GELU_SHIFT, INT4_GROUP
+from qdit.quant.svdquant import GELU_SHIFT, INT4_GROUP
 
 if triton is not None:
     import triton.language as tl
@@ -120,35 +121,6 @@ if triton is not None:
         tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=nmask[:, None] & mmask[None, :])
 
-    @triton.jit
-    def _awq_w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Partial sums over one K slice, one 64-group (32 packed bytes) per iteration:
-        out[split, m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k/64] + zero[n, k/64])."""
-        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask, nmask = offs_m < M, offs_n < N
-        offs_j = tl.arange(0, 32)
-        groups = K // 64
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g_start = pid_s * (K_PER_SPLIT // 64)
-        for g in range(g_start, tl.minimum(g_start + K_PER_SPLIT // 64, groups)):
-            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
-                             other=0)
-            scale = tl.load(s_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            zero = tl.load(z_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            w_even = ((packed & 15).to(tl.float32) * scale + zero).to(tl.bfloat16)
-            w_odd = ((packed >> 4).to(tl.float32) * scale + zero).to(tl.bfloat16)
-            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :], mask=mmask[:, None],
-                             other=0.0)
-            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :] + 1,
-                            mask=mmask[:, None], other=0.0)
-            acc = tl.dot(x_even.to(tl.bfloat16), tl.trans(w_even), acc)
-            acc = tl.dot(x_odd.to(tl.bfloat16), tl.trans(w_odd), acc)
-        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                 mask=mmask[:, None] & nmask[None, :])
-
 
 @torch.library.custom_op("qdit::svdq_int4_quant_act", mutates_args=())
 def svdq_int4_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,29 +161,6 @@ def svdq_int4_gemm(q: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tens
 @svdq_int4_gemm.register_fake
 def _(q, act_scale, qweight, wscales, bias, lora_act, proj_up):
     return torch.empty((q.shape[0], qweight.shape[0]), dtype=lora_act.dtype, device=q.device)
-
-
-@torch.library.custom_op("qdit::awq_w4a16_gemm", mutates_args=())
-def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype; split along K to fill the GPU at small M."""
-    m, k = x.shape
-    n = qweight.shape[0]
-    block_m, block_n = 16, 64
-    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, AWQ_GROUP, 4, x.device)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _awq_w4a16_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
-                            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    out = partial.sum(0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
-
-
-@awq_w4a16_gemm.register_fake
-def _(x, qweight, wscales, wzeros, bias):
-    return torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
 
 
 class SVDQuantHopperBackend:
@@ -257,8 +206,7 @@ class SVDQuantHopperBackend:
             x2d = x2d.contiguous()
         lq = layer.layer_quant
         if lq.scheme is Scheme.AWQ_W4A16:
-            y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"),
-                               layer.bias)
+            y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"), layer.bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
         if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:

@@ -5,7 +5,7 @@ replaced by plain-torch equivalents of what they compute (the GPU tests check th
 import pytest
 import torch
 
-from qdit.kernels import nvfp4_hopper
+from qdit.kernels import nvfp4_hopper, w4_codes
 from qdit.kernels.nvfp4_hopper import NVFP4HopperBackend, SMALL_M
 from qdit.kernels.svdquant_hopper import SVDQuantHopperBackend
 from qdit.quant import numerics
@@ -20,7 +20,7 @@ def _dequantize(packed, block_scale, global_scale):
     return numerics.nvfp4_dequantize(numerics.unpack_nibbles(packed), block_scale, global_scale)
 
 
-def _w4a16(x, weight, block_scale, global_scale, bias):
+def _gemv(x, weight, block_scale, global_scale, bias):
     y = x.float() @ _dequantize(weight, block_scale, global_scale).t()
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
@@ -34,7 +34,7 @@ def _expand(weight, scales, row_factor, int4):
 
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch):
-    monkeypatch.setattr(nvfp4_hopper, "nvfp4_w4a16_gemm", _w4a16)
+    monkeypatch.setattr(nvfp4_hopper, "nvfp4_gemv", _gemv)
     monkeypatch.setattr(nvfp4_hopper, "w4_expand_fp8", _expand)
     monkeypatch.setattr(nvfp4_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
     monkeypatch.setattr(nvfp4_hopper, "quantize_static", numerics.fp8_quantize_static)
@@ -119,15 +119,19 @@ def modelopt_w4a16_layer(gen):
 W4A8_BOUND = 0.06  # FP8 activation and weight rounding
 
 
+GEMV_BOUND = 0.01  # the exact NVFP4 weight, activations unquantized: bf16 rounding only
+
+
 @pytest.mark.parametrize("make,m,bound", [
-    (modelopt_w4a16_layer, 1, 0.01), (modelopt_w4a16_layer, SMALL_M, 0.01),  # W4A16: bf16 rounding only
-    (modelopt_w4a16_layer, SMALL_M + 1, W4A8_BOUND),
-    *[(make, m, W4A8_BOUND) for make in (modelopt_svd_layer, nunchaku_nvfp4_layer) for m in (1, SMALL_M + 1, 200)],
+    *[(make, m, GEMV_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer) for m in (1, SMALL_M)],
+    *[(make, SMALL_M + 1, W4A8_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer)],
+    (modelopt_svd_layer, 200, W4A8_BOUND),
+    *[(nunchaku_nvfp4_layer, m, W4A8_BOUND) for m in (1, SMALL_M + 1, 200)],  # svdq-hopper: W4A8 at every M
 ])
 def test_routes_compute_the_layer(make, m, bound):
-    """W4A16 (weight-only layers, M <= SMALL_M) differs from the unquantized-activation layer only by bf16
-    rounding; W4A8 by FP8 activation and weight rounding. A lost channel scale, bias or smoothing costs
-    far more."""
+    """nvfp4-hopper's GEMV (every NVFP4 layer at M <= SMALL_M) differs from the unquantized-activation
+    layer only by bf16 rounding; W4A8 by FP8 activation and weight rounding. A lost channel scale, bias,
+    smoothing or low-rank branch costs far more."""
     gen = torch.Generator().manual_seed(m)
     backend, layer, exact = make(gen)
     backend.prepare(layer)
@@ -143,7 +147,7 @@ def test_calibrated_layers_quantize_activations_per_tensor():
     gen = torch.Generator().manual_seed(3)
     backend, layer, _ = modelopt_svd_layer(gen)
     backend.prepare(layer)
-    x = torch.randn(8, K, generator=gen).to(torch.bfloat16) * 4  # beyond the calibrated amax
+    x = torch.randn(SMALL_M + 8, K, generator=gen).to(torch.bfloat16) * 4  # W4A8; beyond the calibrated amax
     smooth = layer.tensor("pre_quant_scale").float()
     xs = (x.float() * smooth).to(torch.bfloat16)
     fp8_scale = torch.tensor(CALIBRATED_AMAX / 448)
@@ -155,8 +159,9 @@ def test_calibrated_layers_quantize_activations_per_tensor():
     assert ((got - want).norm() / want.norm()).item() < 0.01
 
 
-def test_e2m1_nibble_table_holds_twice_each_code_value():
-    """The expansion kernel decodes E2M1 codes through this constant (shift, mask, sign from bit 3)."""
-    table = nvfp4_hopper.E2M1_TWICE_NIBBLES
-    decoded = [((table >> (4 * (c & 7))) & 0xF) * (-1 if c & 8 else 1) / 2 for c in range(16)]
-    assert decoded == numerics.e2m1_table().tolist()
+def test_e2m1_fp16_bits_hold_each_code_value_times_2_to_the_minus_14():
+    """The expansion and GEMV kernels decode E2M1 codes by moving their bits into an fp16 (0.5 becoming the
+    subnormal 2**-15) and undoing the 2**-14 with the scales."""
+    bits = torch.tensor([w4_codes.e2m1_fp16_bits(c) for c in range(16)], dtype=torch.int32).to(torch.int16)
+    decoded = bits.view(torch.float16).float() * w4_codes.E2M1_FP16_UNSCALE
+    assert decoded.tolist() == numerics.e2m1_table().tolist()

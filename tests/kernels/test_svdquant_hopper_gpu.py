@@ -100,7 +100,7 @@ def test_nvfp4_routes_against_reference(k, n, m):
     assert rel(got, exact_act) <= rel(ref, exact_act) + 1e-3, (rel(got, exact_act), rel(ref, exact_act))
 
 
-@pytest.mark.parametrize("k,n", [(3072, 18432), (256, 384)])
+@pytest.mark.parametrize("k,n", [(3072, 18432), (256, 384), (192, 48)])
 @pytest.mark.parametrize("m", [1, 2, 7, SMALL_M, SMALL_M + 1, 100])
 def test_awq_w4a16_matches_reference(k, n, m):
     layer = make_layer(LayerQuant(Scheme.AWQ_W4A16), k, n, seed=m)

@@ -1,0 +1,171 @@
+"""Products with 4-bit weights at a few rows (M = batch: the timestep-conditioning Linears), read straight
+from the packed codes. There a layer is bound by reading its weight; cuBLAS BF16 moves 4x the bytes of the
+codes, and the W4A8 route's FP8 expansion writes and re-reads an FP8 copy of the weight.
+
+- GEMV (M <= GEMV_MAX_M): one row of x per program, the programs of all rows of one weight tile adjacent, so
+  the weight comes from HBM once (from L2 for the other rows). It decodes each packed byte into two float32
+  values on the CUDA cores, multiplies by x, sums each group's products and scales the sum once per group.
+  NVFP4: E2M1 codes, e4m3 scales per 16, the tensor scale applied at the end. AWQ: unsigned INT4,
+  w = code * scale + zero per 64, the zero term being zero * sum(x over the group).
+- AWQ above GEMV_MAX_M rows: a split-K kernel that decodes into bf16 in its main loop and multiplies on
+  tensor cores (the GEMV's cost grows with M; this one's does not, up to 16 rows per tile).
+
+Activations stay in the model dtype, unquantized: the weight is exactly the format's weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdit.kernels.fp8_scaled_mm import triton
+from qdit.kernels.w4_codes import E2M1_FP16_UNSCALE
+
+if triton is not None:
+    import triton.language as tl
+
+    from qdit.kernels.w4_codes import e2m1_fp16_scaled
+
+# Rows up to which the GEMV runs; NVFP4 layers above it take the W4A8 route, AWQ layers the tensor-core
+# kernel. Every row decodes the weight again: on the H200 at M = 1 the GEMV took 0.7x cuBLAS BF16's time on
+# an 18432 x 3072 weight and the W4A8 route 1.8x (benchmarks/kernels/gemv_variants.py, w4_sweep.py).
+GEMV_MAX_M = 2
+
+if triton is not None:
+
+    @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, BYTES_PER_SPLIT,
+                        AWQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Partial sums over one K slice for one row m: out[split, m, n] = sum_k x[m, k] * w[n, k]
+        (NVFP4: times 2**-14, undone by the caller)."""
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kb = K // 2
+        group_bytes: tl.constexpr = GROUP // 2
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_B // group_bytes), dtype=tl.float32)
+        start = pid_s * BYTES_PER_SPLIT
+        for b0 in range(start, tl.minimum(start + BYTES_PER_SPLIT, kb), BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            bmask = offs_b < kb
+            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
+                             other=0).to(tl.int32)
+            x2 = tl.load(x_ptr + pid_m * stride_xm + 2 * offs_b[:, None] + tl.arange(0, 2)[None, :],
+                         mask=bmask[:, None], other=0.0)
+            x_even, x_odd = tl.split(x2.to(tl.float32))  # element 2b from the low nibble of byte b
+            if AWQ:
+                p = (packed & 0xF).to(tl.float32) * x_even[None, :] + (packed >> 4).to(tl.float32) * x_odd[None, :]
+            else:
+                p = e2m1_fp16_scaled(packed) * x_even[None, :] + e2m1_fp16_scaled(packed >> 4) * x_odd[None, :]
+            offs_g = b0 // group_bytes + tl.arange(0, BLOCK_B // group_bytes)
+            gmask = nmask[:, None] & (offs_g[None, :] < K // GROUP)
+            scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_g[None, :], mask=gmask, other=0.0)
+            acc += tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_B // group_bytes, group_bytes)), axis=2) * scale.to(tl.float32)
+            if AWQ:
+                zero = tl.load(z_ptr + offs_n[:, None] * (K // GROUP) + offs_g[None, :], mask=gmask, other=0.0)
+                x_group = tl.sum(tl.reshape(x_even + x_odd, (BLOCK_B // group_bytes, group_bytes)), axis=1)
+                acc += zero.to(tl.float32) * x_group[None, :]
+        tl.store(out_ptr + pid_s * M * N + pid_m * N + offs_n, tl.sum(acc, axis=1), mask=nmask)
+
+    @triton.jit
+    def _awq_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Partial sums over one K slice, one 64-group (32 packed bytes) per iteration:
+        out[split, m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k/64] + zero[n, k/64])."""
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = offs_m < M, offs_n < N
+        offs_j = tl.arange(0, 32)
+        groups = K // 64
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g_start = pid_s * (K_PER_SPLIT // 64)
+        for g in range(g_start, tl.minimum(g_start + K_PER_SPLIT // 64, groups)):
+            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * 32 + offs_j[None, :], mask=nmask[:, None],
+                             other=0)
+            scale = tl.load(s_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            zero = tl.load(z_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            w_even = ((packed & 15).to(tl.float32) * scale + zero).to(tl.bfloat16)
+            w_odd = ((packed >> 4).to(tl.float32) * scale + zero).to(tl.bfloat16)
+            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :], mask=mmask[:, None],
+                             other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :] + 1,
+                            mask=mmask[:, None], other=0.0)
+            acc = tl.dot(x_even.to(tl.bfloat16), tl.trans(w_even), acc)
+            acc = tl.dot(x_odd.to(tl.bfloat16), tl.trans(w_odd), acc)
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+# BLOCK_N, BLOCK_B (packed bytes along K), warps, programs per SM for the split-K plan: the fastest tiles on
+# the large conditioning weights in the H200 sweep (benchmarks/kernels/gemv_variants.py).
+GEMV_TILES = (16, 256, 8, 4)
+
+
+def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,
+                 device: torch.device) -> tuple[int, int]:
+    """(splits, K per split, a multiple of k_step): enough programs to give each SM per_sm of them at
+    small M, where the output tiles alone would leave most of the GPU idle."""
+    count = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    steps = triton.cdiv(k, k_step)
+    splits = max(1, min(steps, triton.cdiv(per_sm * sms, count)))
+    k_per_split = triton.cdiv(steps, splits) * k_step
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def _gemv(x, packed, scales, zeros, awq: bool, tiles=GEMV_TILES) -> torch.Tensor:
+    """float32 x [M, K] @ w^T; NVFP4 without its tensor scale and times 2**-14."""
+    m, k = x.shape
+    n = packed.shape[0]
+    block_n, block_b, warps, per_sm = tiles
+    group = k // scales.shape[1]
+    block_b = max(min(block_b, triton.next_power_of_2(k // 2)), group // 2)  # no wasted lanes on short rows
+    splits, k_per_split = split_k_plan(m, n, k, 1, block_n, 2 * block_b, per_sm, x.device)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    if m:
+        grid = (m, triton.cdiv(n, block_n), splits)
+        _w4_gemv_kernel[grid](x, packed, scales, zeros, partial, m, n, k, x.stride(0), k_per_split // 2,
+                              AWQ=awq, GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    return partial.sum(0)
+
+
+def _awq_dot(x, qweight, wscales, wzeros) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_m, block_n = 16, 64
+    splits, k_per_split = split_k_plan(m, n, k, block_m, block_n, 64, 4, x.device)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    _awq_dot_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
+                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return partial.sum(0)
+
+
+@torch.library.custom_op("qdit::nvfp4_gemv", mutates_args=())
+def nvfp4_gemv(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ dequant(NVFP4 weight [N, K/2] packed, e4m3 scales [N, K/16], global_scale [1])^T
+    (+ bias), in x's dtype."""
+    y = _gemv(x, weight, block_scale, None, awq=False) * (global_scale * E2M1_FP16_UNSCALE)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+@nvfp4_gemv.register_fake
+def _(x, weight, block_scale, global_scale, bias):
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("qdit::awq_w4a16_gemm", mutates_args=())
+def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype: AWQ W4A16, unsigned codes, 64-groups."""
+    if x.shape[0] <= GEMV_MAX_M:
+        y = _gemv(x, qweight, wscales, wzeros, awq=True)
+    else:
+        y = _awq_dot(x, qweight, wscales, wzeros)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+@awq_w4a16_gemm.register_fake
+def _(x, qweight, wscales, wzeros, bias):
+    return torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
