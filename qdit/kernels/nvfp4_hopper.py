@@ -1,10 +1,10 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
 Weights stay packed 4-bit in GPU memory. Two routes:
-- GEMV, for every NVFP4 layer at M <= SMALL_M rows (in DiTs the timestep-conditioning Linears, M = batch):
+- GEMV, for every NVFP4 layer at M <= SMALL_M rows (in DiTs the timestep-conditioning Linears at batch 1):
   qdit.kernels.w4_gemv reads the packed codes once and multiplies in float32 on the CUDA cores. The weight
   is exactly the NVFP4 weight; activations stay in the model dtype (W4A16 math, closer to the unquantized
-  layer than W4A4's). At these M a layer is bound by reading its weight, and the codes are the fewest bytes.
+  layer than W4A4's).
 - W4A8, for every larger M. One Triton pass expands the layer's weight into an FP8 scratch tensor with a
   per-row FP8 scale fixed at load (e4m3(e2m1 * block_scale * weight_scale_2 / row_scale)), activations are
   quantized to FP8 (smoothing folded in; per tensor from the calibrated input_scale where the layer has

@@ -19,7 +19,7 @@
   below the K of an FP8 MMA, so W4A4's activation rounding is not reproduced; W4A8 is closer to the
   unquantized layer than W4A4 (the GPU tests check it).
 - AWQ_W4A16 (the modulation linears, M = batch): qdit.kernels.w4_gemv, which reads the packed codes
-  (code * scale + zero per 64-group) once: a GEMV at one or two rows, a tensor-core kernel above.
+  (code * scale + zero per 64-group) once: a GEMV at one row, a tensor-core kernel above.
 
 The low-rank branch reads the unsmoothed input, as in Nunchaku: its down-projection is one bf16 GEMM.
 """

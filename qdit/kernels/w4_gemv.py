@@ -1,12 +1,11 @@
-"""Products with 4-bit weights at a few rows (M = batch: the timestep-conditioning Linears), read straight
-from the packed codes. There a layer is bound by reading its weight; cuBLAS BF16 moves 4x the bytes of the
-codes, and the W4A8 route's FP8 expansion writes and re-reads an FP8 copy of the weight.
+"""Products with 4-bit weights at a few rows (M = batch: the timestep-conditioning Linears), straight from
+the packed codes. At one row a layer reads its whole weight for little arithmetic: cuBLAS BF16 reads 4x the
+bytes of the codes, and the W4A8 route's FP8 expansion writes and re-reads an FP8 copy of the weight.
 
-- GEMV (M <= GEMV_MAX_M): one row of x per program, the programs of all rows of one weight tile adjacent, so
-  the weight comes from HBM once (from L2 for the other rows). It decodes each packed byte into two float32
-  values on the CUDA cores, multiplies by x, sums each group's products and scales the sum once per group.
-  NVFP4: E2M1 codes, e4m3 scales per 16, the tensor scale applied at the end. AWQ: unsigned INT4,
-  w = code * scale + zero per 64, the zero term being zero * sum(x over the group).
+- GEMV (M <= GEMV_MAX_M): one row of x per program. It decodes each packed byte into two float32 values on
+  the CUDA cores, multiplies by x, sums each group's products and scales the sum once per group; decoding,
+  not the bytes read, bounds it. NVFP4: E2M1 codes, e4m3 scales per 16, the tensor scale applied at the
+  end. AWQ: unsigned INT4, w = code * scale + zero per 64, the zero term being zero * sum(x over the group).
 - AWQ above GEMV_MAX_M rows: a split-K kernel that decodes into bf16 in its main loop and multiplies on
   tensor cores (the GEMV's cost grows with M; this one's does not, up to 16 rows per tile).
 
@@ -26,9 +25,11 @@ if triton is not None:
     from qdit.kernels.w4_codes import e2m1_fp16_scaled
 
 # Rows up to which the GEMV runs; NVFP4 layers above it take the W4A8 route, AWQ layers the tensor-core
-# kernel. Every row decodes the weight again: on the H200 at M = 1 the GEMV took 0.7x cuBLAS BF16's time on
-# an 18432 x 3072 weight and the W4A8 route 1.8x (benchmarks/kernels/gemv_variants.py, w4_sweep.py).
-GEMV_MAX_M = 2
+# kernel. The GEMV is bound by decoding (with the same bytes read, a decode of fewer instructions ran
+# faster), and each row decodes the weight again, so it serves one row: on the H200 at M = 1 it took
+# 32.8 us on an 18432 x 3072 NVFP4 weight, cuBLAS BF16 40.3 us (benchmarks/kernels/gemv_variants.py,
+# benchmarks/results/h200-2026-12-03c/). Two rows were not timed with this kernel.
+GEMV_MAX_M = 1
 
 if triton is not None:
 
@@ -96,9 +97,9 @@ if triton is not None:
                  mask=mmask[:, None] & nmask[None, :])
 
 
-# BLOCK_N, BLOCK_B (packed bytes along K), warps, programs per SM for the split-K plan: the fastest tiles on
-# the large conditioning weights in the H200 sweep (benchmarks/kernels/gemv_variants.py).
-GEMV_TILES = (16, 256, 8, 4)
+# BLOCK_N, BLOCK_B (packed bytes along K), warps, programs per SM for the split-K plan: the fastest tiles of
+# the fp16-bits decode on the 18432 x 3072 weight in the H200 sweep (benchmarks/kernels/gemv_variants.py).
+GEMV_TILES = (8, 256, 4, 4)
 
 
 def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int, per_sm: int,

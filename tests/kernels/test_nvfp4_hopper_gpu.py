@@ -17,7 +17,7 @@ W4A16 = LayerQuant(Scheme.W4A16_NVFP4)
 W4A4 = LayerQuant(Scheme.NVFP4, ActivationScale.STATIC)
 SVD = LayerQuant(Scheme.NVFP4_SVD, ActivationScale.STATIC, pre_quant_scale=True, lora_rank=32)
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3584, 3072), (96, 48)]  # (K, N)
-MS = [1, 2, 3, 7, SMALL_M, SMALL_M + 1, 333, 4096]
+MS = sorted({1, 2, 3, 7, SMALL_M, SMALL_M + 1, 333, 4096})
 
 
 def make_layer(lq, k, n, x, seed):
@@ -73,7 +73,7 @@ def unquantized_activations(layer, x):
     return y
 
 
-@pytest.mark.parametrize("m", [1, SMALL_M, SMALL_M + 1, 4096])
+@pytest.mark.parametrize("m", sorted({1, SMALL_M, SMALL_M + 1, 4096}))
 def test_routes_at_least_as_close_to_bf16_as_w4a4(m):
     """The backend's routes (GEMV at M <= SMALL_M, W4A8 above) must not be worse than NVFP4's own W4A4 math
     against the unquantized layer."""
@@ -97,7 +97,7 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(block, fullgraph=True)
     # Compiled, the activation quantization is fused into the producing kernel, which keeps the smoothed
     # input in float32 where eager rounds it to bf16: a few FP8 codes differ by one step.
-    for rows in (x, x[:5]):
+    for rows in (x, x[:5], x[:1]):  # W4A8 and (one row) the GEMV
         assert rel(compiled(rows), block(rows)) < 0.02
 
 

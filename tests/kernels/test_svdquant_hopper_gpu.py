@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 SHAPES = [(256, 384), (3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N)
-MS = [1, 7, SMALL_M, SMALL_M + 1, 333, 4096]
+MS = sorted({1, 7, SMALL_M, SMALL_M + 1, 333, 4096})
 
 
 def make_layer(lq, k, n, seed, gelu_input=False):
@@ -101,7 +101,7 @@ def test_nvfp4_routes_against_reference(k, n, m):
 
 
 @pytest.mark.parametrize("k,n", [(3072, 18432), (256, 384), (192, 48)])
-@pytest.mark.parametrize("m", [1, 2, 7, SMALL_M, SMALL_M + 1, 100])
+@pytest.mark.parametrize("m", sorted({1, 2, 7, SMALL_M, SMALL_M + 1, 100}))
 def test_awq_w4a16_matches_reference(k, n, m):
     layer = make_layer(LayerQuant(Scheme.AWQ_W4A16), k, n, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -109,6 +109,15 @@ def test_awq_w4a16_matches_reference(k, n, m):
     ref = layer.method.dequantize(layer)
     ref = x.float() @ ref.t() + layer.bias.float()
     assert rel(got, ref) < 1e-2, rel(got, ref)
+
+
+@pytest.mark.parametrize("m", [1, 2])  # the GEMV and the tensor-core kernel
+def test_awq_compiles_without_graph_breaks(m):
+    layer = make_layer(LayerQuant(Scheme.AWQ_W4A16), 256, 384, seed=m)
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    eager = run(layer, "svdq-hopper", x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), eager)  # custom ops run as they do eagerly
 
 
 @pytest.mark.parametrize("backend", ["svdq-hopper", "svdq-hopper-exact"])
