@@ -206,7 +206,8 @@ class SVDQuantHopperBackend:
             x2d = x2d.contiguous()
         lq = layer.layer_quant
         if lq.scheme is Scheme.AWQ_W4A16:
-            y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"), layer.bias)
+            y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"),
+                               layer.bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
         if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
