@@ -5,13 +5,14 @@ L2 between calls, as the model's distinct weights read in turn do.
     python benchmarks/kernels/gemv_variants.py --out benchmarks/results/<run>/gemv-variants.txt
 
 Variants (M = 1, split-K partial sums as in qdit.kernels.w4_gemv):
-- bytes: 2-D tiles of packed bytes, x's even/odd elements from one [B, 2] load split in registers; products
-  summed per 16-group before the group scale (groupsum=True: qdit's), or scaled per element (False; within
-  6 % of True on the H200);
+- bytes: 2-D tiles of packed bytes, x's even/odd elements from one [B, 2] load split in registers, products
+  summed per 16-group before the group scale: qdit.kernels.w4_gemv's kernel at M = 1, its decode switchable;
 - decode: 'table' = a nibble table of twice the E2M1 magnitudes; 'f32bits' = e2m1 placed in float32's
   exponent/mantissa bits (0.5 a float32 subnormal), rescaled by 2**126; 'f16bits' (qdit's) = the same in
-  fp16 (qdit.kernels.w4_codes), rescaled by 2**14;
-- dot: the decoded weight times x padded to 16 rows on tensor cores (bf16).
+  fp16 (qdit.kernels.w4_codes), rescaled by 2**14.
+The script's first version also timed products scaled per element instead of summed per group (within 6 %)
+and a tensor-core variant (the decoded weight times x padded to 16 rows, bf16 MMA: 68.6 us on the
+18432 x 3072 weight, 2.4x the best bytes variant), benchmarks/results/h200-2026-12-03c/gemv-variants-run1.txt.
 """
 
 import argparse
@@ -52,16 +53,13 @@ def _decode(code, BITS: tl.constexpr):
 
 
 @triton.jit
-def _bytes_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BYTES_PER_SPLIT, GROUPSUM: tl.constexpr, BITS: tl.constexpr,
+def _bytes_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BYTES_PER_SPLIT, BITS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     kb = K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    if GROUPSUM:
-        acc = tl.zeros((BLOCK_N, BLOCK_B // 8), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_B // 8), dtype=tl.float32)
     start = pid_s * BYTES_PER_SPLIT
     for b0 in range(start, tl.minimum(start + BYTES_PER_SPLIT, kb), BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -74,40 +72,8 @@ def _bytes_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BYTES_PER_SPLIT, GROUPSUM:
         offs_g = b0 // 8 + tl.arange(0, BLOCK_B // 8)
         s = tl.load(s_ptr + offs_n[:, None] * (K // 16) + offs_g[None, :],
                     mask=nmask[:, None] & (offs_g[None, :] < K // 16), other=0.0).to(tl.float32)
-        if GROUPSUM:
-            acc += tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_B // 8, 8)), axis=2) * s
-        else:
-            acc += p * tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)), (BLOCK_N, BLOCK_B))
+        acc += tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_B // 8, 8)), axis=2) * s
     tl.store(out_ptr + pid_s * N + offs_n, tl.sum(acc, axis=1), mask=nmask)
-
-
-@triton.jit
-def _dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BYTES_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    kb = K // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, 16)
-    nmask = offs_n < N
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    start = pid_s * BYTES_PER_SPLIT
-    for b0 in range(start, tl.minimum(start + BYTES_PER_SPLIT, kb), BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        bmask = offs_b < kb
-        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :], mask=nmask[:, None] & bmask[None, :],
-                         other=0).to(tl.int32)
-        offs_g = b0 // 8 + tl.arange(0, BLOCK_B // 8)
-        s = tl.load(s_ptr + offs_n[:, None] * (K // 16) + offs_g[None, :],
-                    mask=nmask[:, None] & (offs_g[None, :] < K // 16), other=0.0).to(tl.float32)
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_B // 8, 8)), (BLOCK_N, BLOCK_B))
-        w_even = (e2m1_twice(packed & 0xF) * s).to(tl.bfloat16)
-        w_odd = (e2m1_twice(packed >> 4) * s).to(tl.bfloat16)
-        xm = (offs_m[:, None] < 1) & bmask[None, :]
-        x_even = tl.load(x_ptr + 2 * offs_b[None, :] + offs_m[:, None] * 0, mask=xm, other=0.0).to(tl.bfloat16)
-        x_odd = tl.load(x_ptr + 2 * offs_b[None, :] + 1 + offs_m[:, None] * 0, mask=xm, other=0.0).to(tl.bfloat16)
-        acc = tl.dot(x_even, tl.trans(w_even), acc)
-        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-    out = tl.sum(tl.where(offs_m[:, None] < 1, acc, 0.0), axis=0)
-    tl.store(out_ptr + pid_s * N + offs_n, out, mask=nmask)
 
 
 def run_variant(kernel, x, w, s, block_n, block_b, warps, per_sm, **meta):
@@ -122,8 +88,6 @@ def run_variant(kernel, x, w, s, block_n, block_b, warps, per_sm, **meta):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
-    parser.add_argument("--dot", action="store_true", help="also the tensor-core variant (68.6 us on the H200's "
-                                                               "18432 x 3072 weight, 2.4x the best bytes variant)")
     args = parser.parse_args()
     lines = [f"GPU {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}",
              "NVFP4 GEMV variants at M = 1, us (GB/s = packed codes + e4m3 scales read)"]
@@ -150,16 +114,11 @@ def main():
                                                                 out_dtype=torch.bfloat16)), ""),
                    ("current", bench(lambda: w4_gemv._gemv(x, w, s, None, False)), str(w4_gemv.GEMV_TILES))]
         decodes = {0: ("table", 0.5), 1: ("f32bits", 2.0 ** 126), 2: ("f16bits", E2M1_FP16_UNSCALE)}
-        variants = [(f"bytes groupsum={gs} decode={decodes[bits][0]}", _bytes_kernel,
-                     dict(GROUPSUM=gs, BITS=bits), decodes[bits][1])
-                    for gs, bits in itertools.product((True,), (0, 1, 2))]
-        if args.dot:
-            variants.append(("dot16 decode=table", _dot_kernel, {}, 0.5))
+        variants = [(f"bytes decode={name}", _bytes_kernel, dict(BITS=bits), factor)
+                    for bits, (name, factor) in decodes.items()]
         for name, kernel, meta, factor in variants:
             best = None
             for bn, bb, nw, per_sm in tiles:
-                if kernel is _dot_kernel and bn < 16:
-                    continue
                 try:
                     y = run_variant(kernel, x, w, s, bn, bb, nw, per_sm, **meta) * factor
                 except Exception as e:  # a tile the compiler rejects (registers, shapes): skipped, named
