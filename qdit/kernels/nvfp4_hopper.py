@@ -1,7 +1,7 @@
 """NVFP4 layers (W4A4, W4A16, SVDQuant) on GPUs without FP4 tensor cores (Hopper, Ada).
 
 Weights stay packed 4-bit in GPU memory. Two routes:
-- GEMV, for every NVFP4 layer at M <= SMALL_M rows (in DiTs the timestep-conditioning Linears at batch 1):
+- GEMV, for every NVFP4 layer at M <= GEMV_MAX_M rows (in DiTs the timestep-conditioning Linears at batch 1):
   qdit.kernels.w4_gemv reads the packed codes once and multiplies in float32 on the CUDA cores. The weight
   is exactly the NVFP4 weight; activations stay in the model dtype (W4A16 math, closer to the unquantized
   layer than W4A4's).
@@ -31,9 +31,6 @@ if triton is not None:
     import triton.language as tl
 
     from qdit.kernels.w4_codes import e2m1_fp16_scaled, int4_value
-
-# Largest M on the GEMV route; above it W4A8.
-SMALL_M = GEMV_MAX_M
 
 if triton is not None:
 
@@ -161,7 +158,7 @@ class NVFP4HopperBackend:
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
         weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
-        if x2d.shape[0] <= SMALL_M:
+        if x2d.shape[0] <= GEMV_MAX_M:
             y = nvfp4_gemv(xs, weight, block_scale, layer.gemv_global_scale, layer.bias)
         else:
             y = w4a8_gemm(layer, xs, weight, block_scale, int4=False, input_scale=layer.w4a8_input_scale)

@@ -127,7 +127,7 @@ def _gemv(x, packed, scales, zeros, awq: bool, tiles=GEMV_TILES) -> torch.Tensor
         grid = (m, triton.cdiv(n, block_n), splits)
         _w4_gemv_kernel[grid](x, packed, scales, zeros, partial, m, n, k, x.stride(0), k_per_split // 2,
                               AWQ=awq, GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
-    return partial.sum(0)
+    return _sum_splits(partial)
 
 
 def _awq_dot(x, qweight, wscales, wzeros) -> torch.Tensor:
@@ -139,7 +139,16 @@ def _awq_dot(x, qweight, wscales, wzeros) -> torch.Tensor:
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _awq_dot_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    return partial.sum(0)
+    return _sum_splits(partial)
+
+
+def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
+    """[splits, M, N] partial sums -> [M, N]; one split (the large conditioning weights) needs no extra pass."""
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (y if bias is None else y + bias.float()).to(dtype)
 
 
 @torch.library.custom_op("qdit::nvfp4_gemv", mutates_args=())
@@ -148,7 +157,7 @@ def nvfp4_gemv(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor,
     """x [M, K] @ dequant(NVFP4 weight [N, K/2] packed, e4m3 scales [N, K/16], global_scale [1])^T
     (+ bias), in x's dtype."""
     y = _gemv(x, weight, block_scale, None, awq=False) * (global_scale * E2M1_FP16_UNSCALE)
-    return (y if bias is None else y + bias.float()).to(x.dtype)
+    return _add_bias(y, bias, x.dtype)
 
 
 @nvfp4_gemv.register_fake
@@ -164,7 +173,7 @@ def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor
         y = _gemv(x, qweight, wscales, wzeros, awq=True)
     else:
         y = _awq_dot(x, qweight, wscales, wzeros)
-    return (y if bias is None else y + bias.float()).to(x.dtype)
+    return _add_bias(y, bias, x.dtype)
 
 
 @awq_w4a16_gemm.register_fake

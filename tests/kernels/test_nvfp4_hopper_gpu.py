@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdit.kernels import backend_by_name
-from qdit.kernels.nvfp4_hopper import SMALL_M
+from qdit.kernels.w4_gemv import GEMV_MAX_M
 from qdit.quant import numerics
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
@@ -17,7 +17,7 @@ W4A16 = LayerQuant(Scheme.W4A16_NVFP4)
 W4A4 = LayerQuant(Scheme.NVFP4, ActivationScale.STATIC)
 SVD = LayerQuant(Scheme.NVFP4_SVD, ActivationScale.STATIC, pre_quant_scale=True, lora_rank=32)
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3584, 3072), (96, 48)]  # (K, N)
-MS = sorted({1, 2, 3, 7, SMALL_M, SMALL_M + 1, 333, 4096})
+MS = sorted({1, 2, 3, 7, GEMV_MAX_M, GEMV_MAX_M + 1, 333, 4096})
 
 
 def make_layer(lq, k, n, x, seed):
@@ -51,7 +51,7 @@ def test_matches_reference(lq, m, k, n):
     y_fast, y_ref = fast.apply(layer, x), ref.apply(layer, x)
     assert torch.isfinite(y_fast).all()
     err = rel(y_fast, y_ref)
-    gemv = m <= SMALL_M
+    gemv = m <= GEMV_MAX_M
     print(f"{lq.describe()} M={m} K={k} N={n} route={'gemv' if gemv else 'w4a8'}: rel. error vs reference {err:.2e}")
     if gemv:
         # The exact NVFP4 weight, activations unquantized: only float32 summation order and output rounding
@@ -73,9 +73,9 @@ def unquantized_activations(layer, x):
     return y
 
 
-@pytest.mark.parametrize("m", sorted({1, SMALL_M, SMALL_M + 1, 4096}))
+@pytest.mark.parametrize("m", sorted({1, GEMV_MAX_M, GEMV_MAX_M + 1, 4096}))
 def test_routes_at_least_as_close_to_bf16_as_w4a4(m):
-    """The backend's routes (GEMV at M <= SMALL_M, W4A8 above) must not be worse than NVFP4's own W4A4 math
+    """The backend's routes (GEMV at M <= GEMV_MAX_M, W4A8 above) must not be worse than NVFP4's own W4A4 math
     against the unquantized layer."""
     k, n = 3072, 3072
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from qdit.kernels import nvfp4_hopper, w4_codes
-from qdit.kernels.nvfp4_hopper import NVFP4HopperBackend, SMALL_M
+from qdit.kernels.nvfp4_hopper import NVFP4HopperBackend
 from qdit.kernels.svdquant_hopper import SVDQuantHopperBackend
+from qdit.kernels.w4_gemv import GEMV_MAX_M
 from qdit.quant import numerics
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
@@ -94,7 +95,7 @@ def nunchaku_int4_gelu_layer(gen):
 
 
 @pytest.mark.parametrize("make", [nunchaku_int4_layer, nunchaku_int4_gelu_layer])
-@pytest.mark.parametrize("m", [1, SMALL_M + 1, 200])
+@pytest.mark.parametrize("m", [1, GEMV_MAX_M + 1, 200])
 def test_int4_w4a8_route_computes_the_layer(make, m):
     """svdq-hopper's INT4 route (every M): FP8 activations (shift and smoothing applied first) times the
     INT4 weight expanded to FP8; only FP8 rounding separates it from the unquantized-activation layer."""
@@ -123,13 +124,13 @@ GEMV_BOUND = 0.01  # the exact NVFP4 weight, activations unquantized: bf16 round
 
 
 @pytest.mark.parametrize("make,m,bound", [
-    *[(make, m, GEMV_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer) for m in sorted({1, SMALL_M})],
-    *[(make, SMALL_M + 1, W4A8_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer)],
+    *[(make, m, GEMV_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer) for m in sorted({1, GEMV_MAX_M})],
+    *[(make, GEMV_MAX_M + 1, W4A8_BOUND) for make in (modelopt_w4a16_layer, modelopt_svd_layer)],
     (modelopt_svd_layer, 200, W4A8_BOUND),
-    *[(nunchaku_nvfp4_layer, m, W4A8_BOUND) for m in (1, SMALL_M + 1, 200)],  # svdq-hopper: W4A8 at every M
+    *[(nunchaku_nvfp4_layer, m, W4A8_BOUND) for m in (1, GEMV_MAX_M + 1, 200)],  # svdq-hopper: W4A8 at every M
 ])
 def test_routes_compute_the_layer(make, m, bound):
-    """nvfp4-hopper's GEMV (every NVFP4 layer at M <= SMALL_M) differs from the unquantized-activation
+    """nvfp4-hopper's GEMV (every NVFP4 layer at M <= GEMV_MAX_M) differs from the unquantized-activation
     layer only by bf16 rounding; W4A8 by FP8 activation and weight rounding. A lost channel scale, bias,
     smoothing or low-rank branch costs far more."""
     gen = torch.Generator().manual_seed(m)
@@ -147,7 +148,7 @@ def test_calibrated_layers_quantize_activations_per_tensor():
     gen = torch.Generator().manual_seed(3)
     backend, layer, _ = modelopt_svd_layer(gen)
     backend.prepare(layer)
-    x = torch.randn(SMALL_M + 8, K, generator=gen).to(torch.bfloat16) * 4  # W4A8; beyond the calibrated amax
+    x = torch.randn(GEMV_MAX_M + 8, K, generator=gen).to(torch.bfloat16) * 4  # W4A8; beyond the calibrated amax
     smooth = layer.tensor("pre_quant_scale").float()
     xs = (x.float() * smooth).to(torch.bfloat16)
     fp8_scale = torch.tensor(CALIBRATED_AMAX / 448)

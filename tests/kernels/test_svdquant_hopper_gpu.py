@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdit.kernels import backend_by_name
-from qdit.kernels.nvfp4_hopper import SMALL_M
+from qdit.kernels.w4_gemv import GEMV_MAX_M
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import GELU_SHIFT, svdq_reference_forward
@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 SHAPES = [(256, 384), (3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N)
-MS = sorted({1, 7, SMALL_M, SMALL_M + 1, 333, 4096})
+MS = sorted({1, 7, GEMV_MAX_M, GEMV_MAX_M + 1, 333, 4096})
 
 
 def make_layer(lq, k, n, seed, gelu_input=False):
@@ -101,7 +101,7 @@ def test_nvfp4_routes_against_reference(k, n, m):
 
 
 @pytest.mark.parametrize("k,n", [(3072, 18432), (256, 384), (192, 48)])
-@pytest.mark.parametrize("m", sorted({1, 2, 7, SMALL_M, SMALL_M + 1, 100}))
+@pytest.mark.parametrize("m", sorted({1, 2, 7, GEMV_MAX_M, GEMV_MAX_M + 1, 100}))
 def test_awq_w4a16_matches_reference(k, n, m):
     layer = make_layer(LayerQuant(Scheme.AWQ_W4A16), k, n, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
