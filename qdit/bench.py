@@ -132,7 +132,37 @@ def profile(model, inputs, adapter, label: str) -> None:
             adapter.output_tensor(model(**inputs))
         torch.cuda.synchronize()
     print(f"--- profile ({label}, 2 steps) ---")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=24, max_name_column_width=160))
+    kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
+    print(f"--- where a step's GPU time goes ({label}), ms per step ---")
+    for part, ms in kernel_time_by_part(kernels, steps=2).items():
+        print(f"{part:<44} {ms:8.2f}")
+
+
+# Kernel-name patterns of the parts of a step, first match wins. Inductor's fused kernels are named
+# after the ops they fuse (an activation quantization fused into a norm is named "..._scaled_mm_..."),
+# so they are told apart by their prefix before anything else.
+KERNEL_PARTS = (
+    ("inductor-fused elementwise/norm (Triton)", ("triton_",)),
+    ("attention (SDPA)", ("sdpa", "flash", "fmha", "attention")),
+    ("GEMM (cuBLAS/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+    ("ATen elementwise (not fused)", ("at::native",)),
+    ("qdit Triton kernels", ("_kernel",)),
+)
+
+
+def kernel_time_by_part(kernels: list[tuple[str, float]], steps: int) -> dict[str, float]:
+    """(kernel name, total ms) pairs -> ms per step for each part of KERNEL_PARTS, "other" and "total";
+    qdit's own kernels are listed one by one."""
+    parts: dict[str, float] = {}
+    for name, ms in kernels:
+        part = next((p for p, keys in KERNEL_PARTS if any(k in name for k in keys)), "other")
+        if part == "qdit Triton kernels":
+            part = f"qdit {name}"
+        parts[part] = parts.get(part, 0.0) + ms / steps
+    parts = dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +207,7 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         base_fmt = fmt.removesuffix("_static")
         peer = fmt in ("bf16", "torchao_fp8")
         model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if peer else base_fmt)
+                                   quantize=None if peer else base_fmt, diffusers_attention=peer)
         if fmt == "torchao_fp8":
             torchao_fp8(model, adapter)
         inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,

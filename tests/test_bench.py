@@ -36,3 +36,25 @@ def test_weight_bytes_counts_what_a_tensor_subclass_holds():
     wrapped = torch.nn.Linear(8, 4, bias=False)
     wrapped.weight = torch.nn.Parameter(TwoTensor(torch.zeros(4, 8), torch.zeros(4, 8)), requires_grad=False)
     assert bench.weight_bytes(wrapped) == 2 * 8 * 4 * 4  # both inner float32 tensors
+
+
+def test_profile_parts_sort_kernels_by_their_names():
+    kernels = [
+        ("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", 80.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 40.0),
+        ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat", 4.0),
+        ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl>", 8.0),
+        ("_w4_gemv_kernel", 6.0),
+        ("_expand_fp8_kernel", 12.0),
+        ("_expand_fp8_kernel", 2.0),
+        ("some_unknown_thing", 1.0),
+    ]
+    parts = bench.kernel_time_by_part(kernels, steps=2)
+    assert parts["GEMM (cuBLAS/CUTLASS)"] == 40.0
+    assert parts["attention (SDPA)"] == 20.0
+    assert parts["inductor-fused elementwise/norm (Triton)"] == 2.0  # not attention, despite its name
+    assert parts["ATen elementwise (not fused)"] == 4.0  # not a qdit kernel, despite "_kernel"
+    assert parts["qdit _expand_fp8_kernel"] == 7.0 and parts["qdit _w4_gemv_kernel"] == 3.0
+    assert parts["other"] == 0.5
+    assert parts["total"] == 76.5
+    assert list(parts)[0] == "GEMM (cuBLAS/CUTLASS)"

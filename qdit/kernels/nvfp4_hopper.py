@@ -12,8 +12,10 @@ Weights stay packed 4-bit in GPU memory. Two routes:
 
 Neither route reproduces W4A4's NVFP4 activation rounding (Hopper has no FP4 MMA); the GPU tests
 check both against the reference backend and that each is at least as close to the unquantized
-layer as W4A4 math is. The SVDQuant low-rank branch runs as two small bf16 GEMMs on the unsmoothed
-input, its smoothing folded into the down-projection at load.
+layer as W4A4 math is. The SVDQuant low-rank branch reads the same smoothed input as the 4-bit weight:
+on the W4A8 route it is added to the weight as it is expanded (up @ down on the tensor cores, the
+row's FP8 scale fixed at load to cover the sum), so it needs no GEMMs of its own; on the GEMV route it
+is two small bf16 GEMMs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, quantize_per_token, quantize_static, triton
 from qdit.kernels.registry import YES, Verdict
-from qdit.kernels.w4_codes import E2M1_FP16_UNSCALE
 from qdit.kernels.w4_gemv import GEMV_MAX_M, nvfp4_gemv
 from qdit.quant import numerics
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
@@ -30,17 +31,17 @@ from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 if triton is not None:
     import triton.language as tl
 
-    from qdit.kernels.w4_codes import e2m1_fp16_scaled, int4_value
+    from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled, int4_value
 
 if triton is not None:
 
-    E2M1_UNSCALE = tl.constexpr(E2M1_FP16_UNSCALE)
-
     @triton.jit
-    def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, out_ptr, N, K, INT4: tl.constexpr, GROUP: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, up_ptr, down_ptr, out_ptr, N, K, RANK,
+                           INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
         """BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program, every byte read once:
-        out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n])."""
+        out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n] (+ sum_r up[n, r] * down[r, k])).
+        BLOCK_R > 0 adds a low-rank term (up [N, RANK], down [RANK, K]) on the tensor cores."""
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)
         kb = K // 2
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,51 +61,80 @@ if triton is not None:
             lo, hi = int4_value(packed & 0xF), int4_value(packed >> 4)
         else:
             lo, hi = e2m1_fp16_scaled(packed), e2m1_fp16_scaled(packed >> 4)
-        lo = tl.clamp(lo * scale, -448.0, 448.0)
-        hi = tl.clamp(hi * scale, -448.0, 448.0)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
+        w = tl.reshape(tl.join(lo * scale, hi * scale), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
         offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        if BLOCK_R > 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            up = tl.load(up_ptr + offs_n[:, None] * RANK + offs_r[None, :],
+                         mask=(offs_n < N)[:, None] & (offs_r < RANK)[None, :], other=0.0)
+            down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :],
+                           mask=(offs_r < RANK)[:, None] & (offs_k < K)[None, :], other=0.0)
+            w += tl.dot(up, down)
+        w = tl.clamp(w, -448.0, 448.0)
         tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
                  mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
 
 
-def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool) -> torch.Tensor:
+def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
+                lr_up: torch.Tensor | None, lr_down: torch.Tensor | None, tiles=None) -> torch.Tensor:
     n, k = weight.shape[0], weight.shape[1] * 2
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     group = k // scales.shape[1]
-    block_n, block_b, warps = EXPAND_TILES["int4" if int4 else "nvfp4"]
+    low_rank = lr_up is not None
+    block_n, block_b, warps = tiles or EXPAND_TILES["low_rank" if low_rank else "int4" if int4 else "nvfp4"]
+    rank = lr_up.shape[1] if low_rank else 0
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
-    _expand_fp8_kernel[grid](weight, scales, row_factor, out, n, k, INT4=int4, GROUP=group,
-                             BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    _expand_fp8_kernel[grid](weight, scales, row_factor, lr_up, lr_down, out, n, k, rank, INT4=int4,
+                             GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b,
+                             BLOCK_R=max(16, triton.next_power_of_2(rank)) if low_rank else 0, num_warps=warps)
     return out
 
 
 # BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the best or within 4 % of the best on
 # Qwen-Image's shapes in an H200 sweep, 1.3-2.4 TB/s read + written
-# (benchmarks/results/h200-2026-12-03b/expand-variants.txt).
-EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4)}
+# (benchmarks/results/h200-2026-12-03b/expand-variants.txt). With a low-rank term each program also reads
+# a [rank, 2 * BLOCK_B] slice of `down`: taller tiles read it fewer times (tl.dot needs BLOCK_N >= 16).
+EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4), "low_rank": (64, 64, 8)}
 
 
 @torch.library.custom_op("qdit::w4_expand_fp8", mutates_args=())
-def w4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool) -> torch.Tensor:
-    """packed codes [N, K/2] -> FP8 [N, K] = e4m3(value(code) * scale * row_factor[n]): NVFP4 (e2m1 codes,
-    e4m3 scales per 16) or INT4 (two's-complement codes, scales per 64)."""
-    return _expand_fp8(weight, scales, row_factor, int4)
+def w4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
+                  lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None) -> torch.Tensor:
+    """packed codes [N, K/2] -> FP8 [N, K] = e4m3(value(code) * scale * row_factor[n] + (lr_up @ lr_down)[n, k]):
+    NVFP4 (e2m1 codes, e4m3 scales per 16) or INT4 (two's-complement codes, scales per 64); the low-rank
+    term (lr_up [N, r], lr_down [r, K]) is optional."""
+    return _expand_fp8(weight, scales, row_factor, int4, lr_up, lr_down)
 
 
 @w4_expand_fp8.register_fake
-def _(weight, scales, row_factor, int4):
+def _(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
 
 
-def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0) -> None:
+def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0,
+                       low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The W4A8 route's buffers for a layer whose dequantized weight (layer.method.dequantize) is
     decoded code * group scale * factor[n]: its per-row FP8 scale and the factor mapping the
-    group-scaled codes onto it."""
-    row_amax = layer.method.dequantize(layer).abs().amax(dim=1)
+    group-scaled codes onto it.
+
+    low_rank: (down [r, K], up [N, r]) of a low-rank branch that reads the same input as the 4-bit
+    weight. It is folded into the expansion (FP8 weight = e4m3((W + up @ down) / row_scale), the row
+    scale covering the sum), so the branch costs no GEMMs of its own and its output no extra pass."""
+    weight = layer.method.dequantize(layer)
+    if low_rank is not None:
+        down, up = low_rank
+        weight = weight + up.float() @ down.float()
+    row_amax = weight.abs().amax(dim=1)
+    del weight
     row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
     layer.register_buffer("w4a8_row_scale", row_scale.reshape(1, -1).contiguous(), persistent=False)
     layer.register_buffer("w4a8_row_factor", (factor / row_scale).contiguous(), persistent=False)
+    lr_up = lr_down = None
+    if low_rank is not None:
+        lr_up = (up.float() / row_scale[:, None]).to(layer.compute_dtype).contiguous()
+        lr_down = down.to(layer.compute_dtype).contiguous()
+    layer.register_buffer("w4a8_lr_up", lr_up, persistent=False)
+    layer.register_buffer("w4a8_lr_down", lr_down, persistent=False)
 
 
 def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool,
@@ -118,7 +148,7 @@ def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     else:
         xq = quantize_static(xs, input_scale)
         scale_a = input_scale.reshape(1, 1).expand(xs.shape[0], 1).contiguous()  # cuBLASLt row-wise: [M, 1]
-    w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4)
+    w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4, layer.w4a8_lr_up, layer.w4a8_lr_down)
     return torch._scaled_mm(xq, w8.t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
 
 
@@ -137,20 +167,18 @@ class NVFP4HopperBackend:
 
     def prepare(self, layer) -> None:
         tensor_scale = layer.tensor("weight_scale_2").float()
-        prepare_w4a8_route(layer, tensor_scale)
+        smooth = layer.tensor("pre_quant_scale").float() if layer.layer_quant.pre_quant_scale else None
+        # ModelOpt's low-rank branch reads the smoothed input, as the 4-bit weight does.
+        low_rank = (layer.tensor("svdquant_lora_a"), layer.tensor("svdquant_lora_b")) \
+            if layer.layer_quant.lora_rank else None
+        prepare_w4a8_route(layer, tensor_scale, low_rank)
         layer.register_buffer("gemv_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
         # A calibrated NVFP4 input_scale is amax / (6 * 448): amax / 448 is the FP8 scale with the same
         # saturation point as the format's own W4A4 quantization.
         static = layer.layer_quant.activation_scale is ActivationScale.STATIC
         fp8_input_scale = layer.tensor("input_scale").float() * numerics.E2M1_MAX if static else None
         layer.register_buffer("w4a8_input_scale", fp8_input_scale, persistent=False)
-        smooth = layer.tensor("pre_quant_scale").float() if layer.layer_quant.pre_quant_scale else None
         layer.register_buffer("smooth", None if smooth is None else smooth.to(layer.compute_dtype), persistent=False)
-        if layer.layer_quant.lora_rank:
-            a = layer.tensor("svdquant_lora_a").float()
-            if smooth is not None:
-                a = a * smooth[None, :]  # x_hat @ A^T == x @ (A diag(s))^T
-            layer.register_buffer("lora_down", a.to(layer.compute_dtype).t().contiguous(), persistent=False)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -160,10 +188,10 @@ class NVFP4HopperBackend:
         weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
         if x2d.shape[0] <= GEMV_MAX_M:
             y = nvfp4_gemv(xs, weight, block_scale, layer.gemv_global_scale, layer.bias)
-        else:
+            if layer.layer_quant.lora_rank:
+                y = y + (xs @ layer.w4a8_lr_down.t()) @ layer.tensor("svdquant_lora_b").t()
+        else:  # the low-rank branch is folded into the expanded weight
             y = w4a8_gemm(layer, xs, weight, block_scale, int4=False, input_scale=layer.w4a8_input_scale)
             if layer.bias is not None:
                 y = y + layer.bias
-        if layer.layer_quant.lora_rank:
-            y = y + (x2d @ layer.lora_down) @ layer.tensor("svdquant_lora_b").t()
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -21,7 +21,10 @@
 - AWQ_W4A16 (the modulation linears, M = batch): qdit.kernels.w4_gemv, which reads the packed codes
   (code * scale + zero per 64-group) once: a GEMV at one row, a tensor-core kernel above.
 
-The low-rank branch reads the unsmoothed input, as in Nunchaku: its down-projection is one bf16 GEMM.
+The low-rank branch reads the unsmoothed input, as in Nunchaku. On the exact route its down-projection
+is one bf16 GEMM, its up-projection in the GEMM's epilogue. On the W4A8 route it is rewritten on the
+smoothed input (down-projection times the smoothing factors; the GELU shift's share a bias term) and
+folded into the FP8 weight as it is expanded (qdit.kernels.nvfp4_hopper.prepare_w4a8_route).
 """
 
 from __future__ import annotations
@@ -187,18 +190,27 @@ class SVDQuantHopperBackend:
         if lq.scheme is Scheme.AWQ_W4A16:
             return
         dtype = layer.compute_dtype
-        layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
         if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
-            return  # the exact kernels read the canonical tensors as they are
+            # The exact kernels read the canonical tensors as they are.
+            layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
+            return
         # W4A8. INT4 weight = code * wscales; NVFP4 weight = e2m1 * wscales * wtscale * wcscales[n].
         factor = torch.ones((), device=layer.tensor("qweight").device)
         if lq.wtscale:
             factor = factor * layer.tensor("wtscale").float()
         if lq.wcscales:
             factor = factor * layer.tensor("wcscales").float()
-        prepare_w4a8_route(layer, factor)
-        layer.register_buffer("inverse_smooth", (1.0 / layer.tensor("smooth_factor").float()).to(dtype),
-                              persistent=False)
+        # The 4-bit weight reads xs = (x + shift) / smooth; the low-rank branch reads x = xs * smooth - shift.
+        # Rewritten on xs, the branch folds into the expanded weight (down scaled by smooth) and a bias.
+        smooth = layer.tensor("smooth_factor").float()
+        proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
+        prepare_w4a8_route(layer, factor, low_rank=((proj_down * smooth[:, None]).t(), proj_up))
+        bias = layer.bias.float() if layer.bias is not None else None
+        if lq.gelu_shift:
+            shift_term = GELU_SHIFT * (proj_up @ proj_down.sum(0))
+            bias = -shift_term if bias is None else bias - shift_term
+        layer.register_buffer("w4a8_bias", None if bias is None else bias.to(dtype), persistent=False)
+        layer.register_buffer("inverse_smooth", (1.0 / smooth).to(dtype), persistent=False)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -209,17 +221,17 @@ class SVDQuantHopperBackend:
             y = awq_w4a16_gemm(x2d, layer.tensor("qweight"), layer.tensor("wscales"), layer.tensor("wzeros"),
                                layer.bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
         if lq.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
+            lora_act = x2d @ layer.proj_down_t  # the low-rank branch reads the unsmoothed input
             q, act_scale = svdq_int4_quant_act(x2d, layer.tensor("smooth_factor"), lq.gelu_shift)
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
         xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth  # the shift: INT4 layers only
+        # The low-rank branch is folded into the expanded weight, its GELU-shift term into w4a8_bias.
         y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=lq.scheme is Scheme.SVDQ_INT4)
-        if layer.bias is not None:
-            y = y + layer.bias
-        y = y + lora_act @ layer.tensor("proj_up").t()
+        if layer.w4a8_bias is not None:
+            y = y + layer.w4a8_bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -27,6 +27,7 @@ def e2m1_fp16_bits(code: int) -> int:
 if triton is not None:
 
     FP16_SHIFT = tl.constexpr(E2M1_FP16_SHIFT)
+    E2M1_UNSCALE = tl.constexpr(E2M1_FP16_UNSCALE)  # for kernels' scales
 
     @triton.jit
     def e2m1_fp16_scaled(code):

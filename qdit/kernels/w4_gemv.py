@@ -22,7 +22,7 @@ from qdit.kernels.w4_codes import E2M1_FP16_UNSCALE
 if triton is not None:
     import triton.language as tl
 
-    from qdit.kernels.w4_codes import e2m1_fp16_scaled
+    from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled
 
 # Rows up to which the GEMV runs; NVFP4 layers above it take the W4A8 route, AWQ layers the tensor-core
 # kernel. The GEMV is bound by decoding (with the same bytes read, a decode of fewer instructions ran
@@ -34,10 +34,12 @@ GEMV_MAX_M = 1
 if triton is not None:
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, BYTES_PER_SPLIT,
-                        AWQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, global_scale_ptr, bias_ptr, M, N, K, stride_xm,
+                        BYTES_PER_SPLIT, AWQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_B: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Partial sums over one K slice for one row m: out[split, m, n] = sum_k x[m, k] * w[n, k]
-        (NVFP4: times 2**-14, undone by the caller)."""
+        (NVFP4: times 2**-14). EPILOGUE (one split): the layer's output, out[m, n] = that sum (NVFP4: times
+        2**14 and the tensor scale) + bias[n], in out's dtype, so no separate kernels finish the layer."""
         pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kb = K // 2
         group_bytes: tl.constexpr = GROUP // 2
@@ -65,7 +67,15 @@ if triton is not None:
                 zero = tl.load(z_ptr + offs_n[:, None] * (K // GROUP) + offs_g[None, :], mask=gmask, other=0.0)
                 x_group = tl.sum(tl.reshape(x_even + x_odd, (BLOCK_B // group_bytes, group_bytes)), axis=1)
                 acc += zero.to(tl.float32) * x_group[None, :]
-        tl.store(out_ptr + pid_s * M * N + pid_m * N + offs_n, tl.sum(acc, axis=1), mask=nmask)
+        y = tl.sum(acc, axis=1)
+        if EPILOGUE:
+            if not AWQ:
+                y = y * tl.load(global_scale_ptr) * E2M1_UNSCALE
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + pid_m * N + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+        else:
+            tl.store(out_ptr + pid_s * M * N + pid_m * N + offs_n, y, mask=nmask)
 
     @triton.jit
     def _awq_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
@@ -114,20 +124,28 @@ def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, k_step: int
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def _gemv(x, packed, scales, zeros, awq: bool, tiles=GEMV_TILES) -> torch.Tensor:
-    """float32 x [M, K] @ w^T; NVFP4 without its tensor scale and times 2**-14."""
+def _gemv(x, packed, scales, zeros, global_scale: torch.Tensor | None, bias: torch.Tensor | None, awq: bool,
+          tiles=GEMV_TILES) -> torch.Tensor:
+    """x [M, K] @ w^T (NVFP4: times its float32 [1] tensor scale) + bias, in x's dtype. One K split (the
+    large conditioning weights) finishes in the kernel; several are summed after it."""
     m, k = x.shape
     n = packed.shape[0]
     block_n, block_b, warps, per_sm = tiles
     group = k // scales.shape[1]
     block_b = max(min(block_b, triton.next_power_of_2(k // 2)), group // 2)  # no wasted lanes on short rows
     splits, k_per_split = split_k_plan(m, n, k, 1, block_n, 2 * block_b, per_sm, x.device)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    epilogue = splits == 1
+    out = torch.empty((m, n) if epilogue else (splits, m, n), dtype=x.dtype if epilogue else torch.float32,
+                      device=x.device)
     if m:
         grid = (m, triton.cdiv(n, block_n), splits)
-        _w4_gemv_kernel[grid](x, packed, scales, zeros, partial, m, n, k, x.stride(0), k_per_split // 2,
-                              AWQ=awq, GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
-    return _sum_splits(partial)
+        _w4_gemv_kernel[grid](x, packed, scales, zeros, out, global_scale, bias, m, n, k, x.stride(0),
+                              k_per_split // 2, AWQ=awq, GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b,
+                              EPILOGUE=epilogue, HAS_BIAS=bias is not None, num_warps=warps)
+    if epilogue:
+        return out
+    y = out.sum(0) if awq else out.sum(0) * (global_scale * E2M1_FP16_UNSCALE)
+    return _add_bias(y, bias, x.dtype)
 
 
 def _awq_dot(x, qweight, wscales, wzeros) -> torch.Tensor:
@@ -139,12 +157,7 @@ def _awq_dot(x, qweight, wscales, wzeros) -> torch.Tensor:
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _awq_dot_kernel[grid](x, qweight, wscales, wzeros, partial, m, n, k, x.stride(0), k_per_split,
                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    return _sum_splits(partial)
-
-
-def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
-    """[splits, M, N] partial sums -> [M, N]; one split (the large conditioning weights) needs no extra pass."""
-    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -156,8 +169,7 @@ def nvfp4_gemv(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ dequant(NVFP4 weight [N, K/2] packed, e4m3 scales [N, K/16], global_scale [1])^T
     (+ bias), in x's dtype."""
-    y = _gemv(x, weight, block_scale, None, awq=False) * (global_scale * E2M1_FP16_UNSCALE)
-    return _add_bias(y, bias, x.dtype)
+    return _gemv(x, weight, block_scale, None, global_scale, bias, awq=False)
 
 
 @nvfp4_gemv.register_fake
@@ -170,10 +182,8 @@ def awq_w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor
                    bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ (code * scale + zero)^T (+ bias), in x's dtype: AWQ W4A16, unsigned codes, 64-groups."""
     if x.shape[0] <= GEMV_MAX_M:
-        y = _gemv(x, qweight, wscales, wzeros, awq=True)
-    else:
-        y = _awq_dot(x, qweight, wscales, wzeros)
-    return _add_bias(y, bias, x.dtype)
+        return _gemv(x, qweight, wscales, wzeros, None, bias, awq=True)
+    return _add_bias(_awq_dot(x, qweight, wscales, wzeros), bias, x.dtype)
 
 
 @awq_w4a16_gemm.register_fake

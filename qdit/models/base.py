@@ -37,6 +37,19 @@ class ModelAdapter:
     # guidance): one row per image, whatever the resolution, so at batch 1 they are matrix-vector
     # products that read their whole weight every step. `qdit bench` reports their share of a step.
     conditioning_linears: str = r"(?!)"
+    # Builds qdit's attention processor for the model's Attention modules (diffusers' math, written so
+    # that torch.compile fuses it: qdit.models.rotary); None keeps diffusers' own.
+    attention_processor: Callable[[], Any] | None = None
+
+    def install_attention_processor(self, model: torch.nn.Module) -> None:
+        # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
+        # set_attn_processor); one processor instance is shared, as set_attn_processor would.
+        if self.attention_processor is None:
+            return
+        processor = self.attention_processor()
+        for module in model.modules():
+            if hasattr(module, "set_processor") and hasattr(module, "processor"):
+                module.set_processor(processor)
 
     def is_conditioning_linear(self, layer_name: str) -> bool:
         return re.search(self.conditioning_linears, layer_name) is not None

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from qdit.models.base import ModelAdapter
+from qdit.models.rotary import QwenImageJointAttention
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
@@ -59,4 +60,5 @@ ADAPTER = ModelAdapter(
     guidance_argument="true_cfg_scale",
     block_lists=("transformer_blocks",),
     conditioning_linears=r"^(transformer_blocks\.\d+\.(img_mod|txt_mod)\.1|norm_out\.linear)$",
+    attention_processor=QwenImageJointAttention,
 )

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from qdit.models.base import ModelAdapter
+from qdit.models.rotary import ZImageAttention
 
 
 def _excluded(layer_name: str, config: dict[str, Any]) -> bool:
@@ -48,4 +49,5 @@ ADAPTER = ModelAdapter(
     guidance_argument="guidance_scale",
     block_lists=("layers", "noise_refiner", "context_refiner"),
     conditioning_linears=r"(^|\.)adaLN_modulation\.\d+$",
+    attention_processor=ZImageAttention,
 )

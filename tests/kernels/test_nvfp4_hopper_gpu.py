@@ -120,3 +120,27 @@ def test_fp8_expansion_is_the_torch_cast(n, k):
     group = (torch.rand(n, k // 64, device="cuda", generator=gen) + 0.01).to(torch.bfloat16)
     want = numerics.to_e4m3(int4_decode(codes) * group.float().repeat_interleave(64, dim=1) * row_factor[:, None])
     assert torch.equal(w4_expand_fp8(packed, group, row_factor, True).float(), want.float())
+
+
+@pytest.mark.parametrize("n,k,rank", [(3072, 3072, 32), (384, 256, 16), (48, 12288, 128), (640, 1024, 40)])
+def test_fp8_expansion_folds_the_low_rank_branch(n, k, rank):
+    """With a low-rank term the expansion writes e4m3(code * scale * row_factor + up @ down). The kernel's
+    tensor-core dot sums in another order than torch's matmul, which can move a value that lies on an
+    e4m3 rounding boundary by one step; everything else must be torch's cast exactly."""
+    from qdit.kernels.nvfp4_hopper import w4_expand_fp8
+    from qdit.quant import numerics
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k + rank)
+    packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8, generator=gen)
+    row_factor = torch.rand(n, device="cuda", generator=gen) * 4
+    block = (torch.rand(n, k // 16, device="cuda", generator=gen) * 4 + 0.01).to(torch.float8_e4m3fn)
+    up = (torch.randn(n, rank, device="cuda", generator=gen) * 4).to(torch.bfloat16)
+    down = torch.randn(rank, k, device="cuda", generator=gen).to(torch.bfloat16)
+    dense = numerics.nvfp4_dequantize(numerics.unpack_nibbles(packed), block, torch.ones((), device="cuda"))
+    want = numerics.to_e4m3(dense * row_factor[:, None] + up.float() @ down.float()).float()
+    got = w4_expand_fp8(packed, block, row_factor, False, up, down).float()
+    differ = got != want
+    assert differ.float().mean().item() < 1e-3
+    assert ((got - want).abs()[differ] <= want.abs()[differ] * 2**-3 + 2**-9).all()
+    without = w4_expand_fp8(packed, block, row_factor, False).float()
+    assert (without != want).float().mean().item() > 0.5  # the low-rank term is not lost

@@ -26,11 +26,15 @@ def _gemv(x, weight, block_scale, global_scale, bias):
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _expand(weight, scales, row_factor, int4):
+def _expand(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
     if int4:
         codes = int4_decode(numerics.unpack_nibbles(weight))
-        return numerics.to_e4m3(codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None])
-    return numerics.to_e4m3(_dequantize(weight, scales, torch.ones(())) * row_factor[:, None])
+        w = codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None]
+    else:
+        w = _dequantize(weight, scales, torch.ones(())) * row_factor[:, None]
+    if lr_up is not None:
+        w = w + lr_up.float() @ lr_down.float()
+    return numerics.to_e4m3(w)
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +156,11 @@ def test_calibrated_layers_quantize_activations_per_tensor():
     smooth = layer.tensor("pre_quant_scale").float()
     xs = (x.float() * smooth).to(torch.bfloat16)
     fp8_scale = torch.tensor(CALIBRATED_AMAX / 448)
-    w8 = _expand(layer.tensor("weight"), layer.tensor("weight_scale"), layer.w4a8_row_factor, int4=False)
+    w8 = _expand(layer.tensor("weight"), layer.tensor("weight_scale"), layer.w4a8_row_factor, False,
+                 layer.w4a8_lr_up, layer.w4a8_lr_down)  # the low-rank branch folded in
     want = ((numerics.fp8_quantize_static(xs, fp8_scale).float() * fp8_scale)
             @ (w8.float() * layer.w4a8_row_scale.reshape(-1, 1)).t()).to(torch.bfloat16).float()
-    want = want + layer.bias.float() + (x.float() @ layer.lora_down.float()) @ layer.tensor("svdquant_lora_b").float().t()
+    want = want + layer.bias.float()
     got = backend.apply(layer, x).float()
     assert ((got - want).norm() / want.norm()).item() < 0.01
 

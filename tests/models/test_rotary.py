@@ -1,0 +1,82 @@
+"""qdit's attention processors compute what diffusers' do, with no complex-number op left for compile."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from qdit.api import random_transformer
+from qdit.models import adapter_by_name
+from qdit.models.rotary import QwenImageJointAttention, ZImageAttention, rotate_pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_pairs_is_diffusers_complex_rotation_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 3, 32, generator=gen).to(dtype)
+    freqs = torch.polar(torch.ones(40, 16), torch.randn(40, 16, generator=gen) * 3)
+    expected = apply_rotary_emb_qwen(x, freqs, use_real=False)  # [S, D/2] freqs, broadcast over heads
+    assert torch.equal(rotate_pairs(x, freqs, head_axis=1), expected)
+    per_batch = torch.polar(torch.ones(2, 40, 16), torch.randn(2, 40, 16, generator=gen))  # Z-Image: [B, S, D/2]
+    expected = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * per_batch.unsqueeze(2))
+    assert torch.equal(rotate_pairs(x, per_batch, head_axis=2), expected.flatten(3).to(dtype))
+
+
+def _outputs(model: str, diffusers_attention: bool, text_mask: bool = False):
+    adapter = adapter_by_name(model)
+    transformer = random_transformer(model, dtype=torch.float32, seed=3, diffusers_attention=diffusers_attention)
+    inputs = adapter.example_inputs(dict(transformer.config), batch=2, height=64, width=48, text_tokens=8,
+                                    dtype=torch.float32)
+    if text_mask:
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[1, 5:] = False
+        inputs["encoder_hidden_states_mask"] = mask
+    with torch.no_grad():
+        return transformer, adapter.output_tensor(transformer(**inputs))
+
+
+def _processor_types(transformer) -> set[type]:
+    return {type(m.processor) for m in transformer.modules() if hasattr(m, "set_processor")}
+
+
+@pytest.mark.parametrize("model,processor,text_mask", [
+    ("qwen-image", QwenImageJointAttention, False),
+    ("qwen-image", QwenImageJointAttention, True),
+    ("z-image", ZImageAttention, False),
+])
+def test_model_output_is_the_same_as_with_diffusers_processors(model, processor, text_mask):
+    ours, out = _outputs(model, diffusers_attention=False, text_mask=text_mask)
+    theirs, expected = _outputs(model, diffusers_attention=True, text_mask=text_mask)
+    assert _processor_types(ours) == {processor}
+    assert processor not in _processor_types(theirs)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _complex_ops_in_compiled_block(model: str, diffusers_attention: bool) -> list[str]:
+    """Call nodes of the graph dynamo hands to the compiler whose result is complex (inductor would
+    leave each one to an ATen kernel)."""
+    adapter = adapter_by_name(model)
+    transformer = random_transformer(model, dtype=torch.float32, diffusers_attention=diffusers_attention)
+    found: list[str] = []
+
+    def capture(gm, example_inputs):
+        for node in gm.graph.nodes:
+            val = node.meta.get("example_value")
+            if node.op.startswith("call") and isinstance(val, torch.Tensor) and val.is_complex():
+                found.append(str(node.target))
+        return gm.forward
+
+    block = getattr(transformer, adapter.block_lists[0])[0]
+    block.compile(backend=capture, fullgraph=True)
+    inputs = adapter.example_inputs(dict(transformer.config), height=64, width=64, text_tokens=8, dtype=torch.float32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        transformer(**inputs)
+    torch._dynamo.reset()
+    return found
+
+
+@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+def test_compiled_block_has_no_complex_ops(model):
+    assert _complex_ops_in_compiled_block(model, diffusers_attention=True), "the check sees diffusers' complex multiply"
+    assert _complex_ops_in_compiled_block(model, diffusers_attention=False) == []
