@@ -39,7 +39,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
              f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
-    adapter.install_attention_processor(model)
+    adapter.install_compile_friendly_modules(model)
     model.qdit_load_report = report
     model.qdit_plan = plan
     return model
@@ -48,12 +48,12 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
 def random_transformer(model: str, *, full_size: bool = False, config: dict[str, Any] | None = None,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                        backend: str | None = None, quantize: str | None = None, seed: int = 0,
-                       diffusers_attention: bool = False) -> torch.nn.Module:
+                       diffusers_modules: bool = False) -> torch.nn.Module:
     """A transformer with seeded random weights, built and quantized exactly as a checkpoint load would be.
 
     model: an adapter name ("qwen-image", "flux", "z-image"); full_size picks the published config,
-    otherwise the tiny one, unless `config` is given. diffusers_attention keeps diffusers' own attention
-    processors (the benchmark's diffusers peers) instead of qdit's.
+    otherwise the tiny one, unless `config` is given. diffusers_modules keeps diffusers' own attention
+    processors and activations (the benchmark's diffusers peers) instead of qdit's.
     """
     adapter = adapter_by_name(model)
     device = torch.device(device)
@@ -64,8 +64,8 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize)
     model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                                quantize_from_full=quantize not in (None, "none"))
-    if not diffusers_attention:
-        adapter.install_attention_processor(model_)
+    if not diffusers_modules:
+        adapter.install_compile_friendly_modules(model_)
     model_.qdit_load_report = report
     model_.qdit_plan = plan
     return model_

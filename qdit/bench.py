@@ -169,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen-image")
     parser.add_argument("--resolutions", default="1024", help="comma-separated square sizes, e.g. 1024,1328")
     parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,2,4")
-    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="text length (default: the model's usual one, 512 for FLUX, 256 otherwise)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--formats", default="bf16,fp8,fp8_static,fp8_per_channel,nvfp4,nvfp4_svd,w4a16_nvfp4",
                         help="bf16 = diffusers' own model; <fmt>_static = quantized at load, then activation "
@@ -195,6 +196,8 @@ def run(args) -> int:
 def run_one(args, height: int, width: int, batch: int) -> None:
     args = argparse.Namespace(**{**vars(args), "height": height, "width": width, "batch": batch})
     adapter = adapter_by_name(args.model)
+    if args.text_tokens is None:
+        args.text_tokens = adapter.bench_text_tokens
     device = torch.device("cuda")
     rows = []
     for fmt in args.formats.split(","):
@@ -207,7 +210,7 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         base_fmt = fmt.removesuffix("_static")
         peer = fmt in ("bf16", "torchao_fp8")
         model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if peer else base_fmt, diffusers_attention=peer)
+                                   quantize=None if peer else base_fmt, diffusers_modules=peer)
         if fmt == "torchao_fp8":
             torchao_fp8(model, adapter)
         inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,

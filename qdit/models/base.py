@@ -37,15 +37,22 @@ class ModelAdapter:
     # guidance): one row per image, whatever the resolution, so at batch 1 they are matrix-vector
     # products that read their whole weight every step. `qdit bench` reports their share of a step.
     conditioning_linears: str = r"(?!)"
+    # The text length `qdit bench` uses unless told otherwise: the model's usual prompt embedding length.
+    bench_text_tokens: int = 256
     # Builds qdit's attention processor for the model's Attention modules (diffusers' math, written so
     # that torch.compile fuses it: qdit.models.rotary); None keeps diffusers' own.
     attention_processor: Callable[[], Any] | None = None
 
-    def install_attention_processor(self, model: torch.nn.Module) -> None:
-        # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
-        # set_attn_processor); one processor instance is shared, as set_attn_processor would.
+    def install_compile_friendly_modules(self, model: torch.nn.Module) -> None:
+        """qdit's attention processor and tanh-GELU modules on a loaded transformer: diffusers' math,
+        written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations)."""
+        from qdit.models.activations import install_tanh_gelu
+
+        install_tanh_gelu(model)
         if self.attention_processor is None:
             return
+        # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
+        # set_attn_processor); one processor instance is shared, as set_attn_processor would.
         processor = self.attention_processor()
         for module in model.modules():
             if hasattr(module, "set_processor") and hasattr(module, "processor"):

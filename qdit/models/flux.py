@@ -59,6 +59,7 @@ ADAPTER = ModelAdapter(
     example_inputs=example_inputs,
     pipeline_class="FluxPipeline",
     guidance_argument="guidance_scale",
+    bench_text_tokens=512,  # FluxPipeline's max_sequence_length
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     conditioning_linears=r"^((single_)?transformer_blocks\.\d+\.(norm1|norm1_context|norm)\.linear|norm_out\.linear)$",
 )

@@ -21,9 +21,9 @@ def test_rotate_pairs_is_diffusers_complex_rotation_bit_for_bit(dtype):
     assert torch.equal(rotate_pairs(x, per_batch, head_axis=2), expected.flatten(3).to(dtype))
 
 
-def _outputs(model: str, diffusers_attention: bool, text_mask: bool = False):
+def _outputs(model: str, diffusers_modules: bool, text_mask: bool = False):
     adapter = adapter_by_name(model)
-    transformer = random_transformer(model, dtype=torch.float32, seed=3, diffusers_attention=diffusers_attention)
+    transformer = random_transformer(model, dtype=torch.float32, seed=3, diffusers_modules=diffusers_modules)
     inputs = adapter.example_inputs(dict(transformer.config), batch=2, height=64, width=48, text_tokens=8,
                                     dtype=torch.float32)
     if text_mask:
@@ -44,19 +44,19 @@ def _processor_types(transformer) -> set[type]:
     ("z-image", ZImageAttention, False),
 ])
 def test_model_output_is_the_same_as_with_diffusers_processors(model, processor, text_mask):
-    ours, out = _outputs(model, diffusers_attention=False, text_mask=text_mask)
-    theirs, expected = _outputs(model, diffusers_attention=True, text_mask=text_mask)
+    ours, out = _outputs(model, diffusers_modules=False, text_mask=text_mask)
+    theirs, expected = _outputs(model, diffusers_modules=True, text_mask=text_mask)
     assert _processor_types(ours) == {processor}
     assert processor not in _processor_types(theirs)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def _complex_ops_in_compiled_block(model: str, diffusers_attention: bool) -> list[str]:
+def _complex_ops_in_compiled_block(model: str, diffusers_modules: bool) -> list[str]:
     """Call nodes of the graph dynamo hands to the compiler whose result is complex (inductor would
     leave each one to an ATen kernel)."""
     adapter = adapter_by_name(model)
-    transformer = random_transformer(model, dtype=torch.float32, diffusers_attention=diffusers_attention)
+    transformer = random_transformer(model, dtype=torch.float32, diffusers_modules=diffusers_modules)
     found: list[str] = []
 
     def capture(gm, example_inputs):
@@ -78,5 +78,5 @@ def _complex_ops_in_compiled_block(model: str, diffusers_attention: bool) -> lis
 
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])
 def test_compiled_block_has_no_complex_ops(model):
-    assert _complex_ops_in_compiled_block(model, diffusers_attention=True), "the check sees diffusers' complex multiply"
-    assert _complex_ops_in_compiled_block(model, diffusers_attention=False) == []
+    assert _complex_ops_in_compiled_block(model, diffusers_modules=True), "the check sees diffusers' complex multiply"
+    assert _complex_ops_in_compiled_block(model, diffusers_modules=False) == []
