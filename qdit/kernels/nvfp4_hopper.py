@@ -81,7 +81,8 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     group = k // scales.shape[1]
     low_rank = lr_up is not None
-    block_n, block_b, warps = tiles or EXPAND_TILES["low_rank" if low_rank else "int4" if int4 else "nvfp4"]
+    kind = ("low_rank" if n * k > LOW_RANK_LARGE else "low_rank_small") if low_rank else "int4" if int4 else "nvfp4"
+    block_n, block_b, warps = tiles or EXPAND_TILES[kind]
     rank = lr_up.shape[1] if low_rank else 0
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
     _expand_fp8_kernel[grid](weight, scales, row_factor, lr_up, lr_down, out, n, k, rank, INT4=int4,
@@ -93,8 +94,11 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
 # BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the best or within 4 % of the best on
 # Qwen-Image's shapes in an H200 sweep, 1.3-2.4 TB/s read + written
 # (benchmarks/results/h200-2026-12-03b/expand-variants.txt). With a low-rank term each program also reads
-# a [rank, 2 * BLOCK_B] slice of `down`: taller tiles read it fewer times (tl.dot needs BLOCK_N >= 16).
-EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4), "low_rank": (64, 64, 8)}
+# a [rank, 2 * BLOCK_B] slice of `down`: on 3072 x 12288 and 12288 x 3072 taller tiles, which read it fewer
+# times, were fastest (36.7-38.2 us, rank 32), on 3072 x 3072 the (16, 256, 4) tiles (17.4 us vs 23.3)
+# (tl.dot needs BLOCK_N >= 16; benchmarks/kernels/expand_low_rank.py, h200-2026-12-03d/run1).
+EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4), "low_rank": (64, 64, 8), "low_rank_small": (16, 256, 4)}
+LOW_RANK_LARGE = 3072 * 3072 * 2  # weights above this many elements take the "low_rank" tiles
 
 
 @torch.library.custom_op("qdit::w4_expand_fp8", mutates_args=())

@@ -1,17 +1,21 @@
-"""Rotary position embeddings in real arithmetic, and attention processors that use them.
+"""Attention processors for Qwen-Image and Z-Image that compile well, and rotary embeddings in real
+arithmetic.
 
-diffusers' Qwen-Image and Z-Image processors rotate queries and keys by a complex multiply. Inductor
-generates no code for complex tensors, so under torch.compile each rotation stays a separate ATen
-kernel that reads and writes q or k in float32 (four per Qwen-Image block: about 4 ms of a 1024²
-step on an H200). Written on (real, imaginary) pairs, the same float32 products fuse into the QK-norm
-kernel. The processors are installed per model instance through diffusers' set_attn_processor;
-diffusers' classes are not modified.
+diffusers' processors rotate queries and keys by a complex multiply, which inductor cannot generate
+code for: each rotation stayed a separate ATen kernel, and norm, rotation and the text+image concat
+wrote and re-read float32 copies of q and k. These processors compute the same thing with
+qdit::qk_norm_rope_cat (one pass per q or k on CUDA, qdit.kernels.qk_norm_rope) and call diffusers'
+attention dispatch as diffusers does. They are installed per model instance through diffusers'
+set_processor; diffusers' classes are not modified.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.normalization import RMSNorm
+
+from qdit.kernels.qk_norm_rope import qk_norm_rope_cat
 
 
 def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor, head_axis: int) -> torch.Tensor:
@@ -23,6 +27,19 @@ def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor, head_axis: int) -> to
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
     return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def normalize_rotate_concat(streams: list[torch.Tensor], norms: list, freqs: list[torch.Tensor] | None) -> torch.Tensor:
+    """Queries or keys of the streams ([B, S_i, H, D] each): each through its QK norm, rotated by its
+    freqs, concatenated along the sequence. With RMSNorms (what the published models use) this is one
+    op, qdit::qk_norm_rope_cat, fused on CUDA; any other norm takes diffusers' modules and rotate_pairs."""
+    if freqs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms):
+        return qk_norm_rope_cat(streams, [n.weight for n in norms], [float(n.eps) for n in norms],
+                                [torch.view_as_real(f) for f in freqs])
+    streams = [n(x) if n is not None else x for x, n in zip(streams, norms)]
+    if freqs is not None:
+        streams = [rotate_pairs(x, f, head_axis=1 if f.dim() == 2 else 2) for x, f in zip(streams, freqs)]
+    return torch.cat(streams, dim=1) if len(streams) > 1 else streams[0]
 
 
 class _DispatchedAttention:
@@ -47,24 +64,20 @@ class QwenImageJointAttention(_DispatchedAttention):
             raise ValueError("Qwen-Image joint attention takes the text stream, and a text mask through "
                              "encoder_hidden_states_mask rather than attention_mask")
         head_dim = attn.inner_dim // attn.heads
-        streams = []
-        for x, (to_q, to_k, to_v, norm_q, norm_k) in (
-                (encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                                         attn.norm_added_q, attn.norm_added_k)),
-                (hidden_states, (attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k))):
-            q, k, v = (proj(x).unflatten(-1, (-1, head_dim)) for proj in (to_q, to_k, to_v))
-            q = norm_q(q) if norm_q is not None else q
-            k = norm_k(k) if norm_k is not None else k
-            streams.append([q, k, v])
+        txt = [proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+        img = [proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+        freqs = None
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
-            for stream, freqs in zip(streams, (txt_freqs, img_freqs)):
-                stream[0], stream[1] = (rotate_pairs(t, freqs, head_axis=1) for t in stream[:2])
+            freqs = [txt_freqs, img_freqs]
+        q = normalize_rotate_concat([txt[0], img[0]], [attn.norm_added_q, attn.norm_q], freqs)
+        k = normalize_rotate_concat([txt[1], img[1]], [attn.norm_added_k, attn.norm_k], freqs)
+        v = torch.cat([txt[2], img[2]], dim=1)
         mask = None
         if encoder_hidden_states_mask is not None:
             image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-        q, k, v = (torch.cat(parts, dim=1) for parts in zip(*streams))
         joint = self._attend(q, k, v, mask).to(q.dtype)
         seq_txt = encoder_hidden_states.shape[1]
         img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
@@ -80,10 +93,9 @@ class ZImageAttention(_DispatchedAttention):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        q = attn.norm_q(q) if attn.norm_q is not None else q
-        k = attn.norm_k(k) if attn.norm_k is not None else k
-        if freqs_cis is not None:
-            q, k = rotate_pairs(q, freqs_cis, head_axis=2), rotate_pairs(k, freqs_cis, head_axis=2)
+        freqs = None if freqs_cis is None else [freqs_cis]
+        q = normalize_rotate_concat([q], [attn.norm_q], freqs)
+        k = normalize_rotate_concat([k], [attn.norm_k], freqs)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = attn.to_out[0](self._attend(q, k, v, attention_mask).to(q.dtype))

@@ -122,7 +122,7 @@ def test_fp8_expansion_is_the_torch_cast(n, k):
     assert torch.equal(w4_expand_fp8(packed, group, row_factor, True).float(), want.float())
 
 
-@pytest.mark.parametrize("n,k,rank", [(3072, 3072, 32), (384, 256, 16), (48, 12288, 128), (640, 1024, 40)])
+@pytest.mark.parametrize("n,k,rank", [(3072, 3072, 32), (3072, 12288, 32), (384, 256, 16), (48, 12288, 128), (640, 1024, 40)])
 def test_fp8_expansion_folds_the_low_rank_branch(n, k, rank):
     """With a low-rank term the expansion writes e4m3(code * scale * row_factor + up @ down). The kernel's
     tensor-core dot sums in another order than torch's matmul, which can move a value that lies on an

@@ -1,0 +1,53 @@
+"""The fused QK-norm + rotary + concat kernel against its torch definition, and a model using it (device)."""
+
+import pytest
+import torch
+
+from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_reference
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+def _freqs(*shape):
+    return torch.polar(torch.ones(*shape, device="cuda"), torch.rand(*shape, device="cuda") * 50)
+
+
+@pytest.mark.parametrize("batch,seqs,heads,shared_freqs", [
+    (1, (256, 4096), 24, True),   # Qwen-Image at 1024²: [text, image], freqs [S, D/2]
+    (2, (7, 333), 3, True),
+    (2, (4128,), 30, False),      # Z-Image: one stream, freqs [B, S, D/2]
+])
+def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
+    """Only the rsqrt's last bit may differ from torch's, which can move a rounding by one bf16 step."""
+    d = 128
+    gen = torch.Generator(device="cuda").manual_seed(sum(seqs))
+    xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
+    weights = [(torch.rand(d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16) for _ in seqs]
+    freqs = [_freqs(s, d // 2) if shared_freqs else _freqs(batch, s, d // 2) for s in seqs]
+    got = qk_norm_rope_cat(xs, weights, [1e-6] * len(seqs), [torch.view_as_real(f) for f in freqs])
+    want = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f) for x, w, f in zip(xs, weights, freqs)], dim=1)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    differ = got != want
+    assert differ.float().mean().item() < 0.02
+    assert ((got.float() - want.float()).abs()[differ] <= want.float().abs()[differ] * 2**-6 + 1e-3).all()
+
+
+@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+def test_model_with_the_kernel_matches_diffusers_processors(model):
+    from qdit.api import random_transformer
+    from qdit.models import adapter_by_name
+
+    adapter = adapter_by_name(model)
+    ours = random_transformer(model, device="cuda", seed=2)
+    theirs = random_transformer(model, device="cuda", seed=2, diffusers_modules=True)
+    inputs = adapter.example_inputs(dict(ours.config), height=128, width=128, text_tokens=32, device="cuda")
+    with torch.no_grad():
+        out, expected = adapter.output_tensor(ours(**inputs)).float(), adapter.output_tensor(theirs(**inputs)).float()
+        block = getattr(ours, adapter.block_lists[0])[0]
+        block.compile(fullgraph=True)
+        compiled = adapter.output_tensor(ours(**inputs)).float()
+    torch._dynamo.reset()
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-2
+    assert ((compiled - expected).norm() / expected.norm()).item() < 1e-2
