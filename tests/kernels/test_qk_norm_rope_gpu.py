@@ -20,7 +20,9 @@ def _freqs(*shape):
     (2, (4128,), 30, False),      # Z-Image: one stream, freqs [B, S, D/2]
 ])
 def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
-    """Only the rsqrt's last bit may differ from torch's, which can move a rounding by one bf16 step."""
+    """Only the rsqrt's last bit may differ from torch's. That can move the normalized value (about 1-6
+    here) by one bf16 step, which the rotation carries into both outputs of the pair whatever their size:
+    at most one step of the largest normalized values, 2**-5."""
     d = 128
     gen = torch.Generator(device="cuda").manual_seed(sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
@@ -31,7 +33,8 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     differ = got != want
     assert differ.float().mean().item() < 0.02
-    assert ((got.float() - want.float()).abs()[differ] <= want.float().abs()[differ] * 2**-6 + 1e-3).all()
+    assert (got.float() - want.float()).abs().max().item() <= 2**-5
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
 
 
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])
