@@ -20,9 +20,10 @@ def _freqs(*shape):
     (2, (4128,), 30, False),      # Z-Image: one stream, freqs [B, S, D/2]
 ])
 def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
-    """Only the rsqrt's last bit may differ from torch's. That can move the normalized value (about 1-6
-    here) by one bf16 step, which the rotation carries into both outputs of the pair whatever their size:
-    at most one step of the largest normalized values, 2**-5."""
+    """Only the last bits of the variance (summation order) and of rsqrt may differ from torch's. That can
+    move a normalized value (up to about 7 here) by one bf16 step, which the rotation carries into both
+    outputs of the pair whatever their size: at most one step of the largest values (2**-5) plus the
+    output's own rounding (2**-6)."""
     d = 128
     gen = torch.Generator(device="cuda").manual_seed(sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
@@ -33,7 +34,7 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     differ = got != want
     assert differ.float().mean().item() < 0.02
-    assert (got.float() - want.float()).abs().max().item() <= 2**-5
+    assert (got.float() - want.float()).abs().max().item() <= 2**-5 + 2**-6
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
 
 
