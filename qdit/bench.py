@@ -145,7 +145,7 @@ def profile(model, inputs, adapter, label: str) -> None:
 KERNEL_PARTS = (
     ("inductor-fused elementwise/norm (Triton)", ("triton_",)),
     ("attention (SDPA)", ("sdpa", "flash", "fmha", "attention")),
-    ("GEMM (cuBLAS/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+    ("GEMM (cuBLAS/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "cublas")),
     ("ATen elementwise (not fused)", ("at::native",)),
     ("qdit Triton kernels", ("_kernel",)),
 )
