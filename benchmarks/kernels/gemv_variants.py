@@ -112,7 +112,8 @@ def main():
         results = [("cuBLAS bf16", bench(lambda: x @ wb.t()), ""),
                    ("cuBLAS fp8", bench(lambda: torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one,
                                                                 out_dtype=torch.bfloat16)), ""),
-                   ("current", bench(lambda: w4_gemv._gemv(x, w, s, None, False)), str(w4_gemv.GEMV_TILES))]
+                   ("current", bench(lambda: w4_gemv._gemv(x, w, s, None, one.reshape(1), None, awq=False)),
+                    str(w4_gemv.GEMV_TILES))]
         decodes = {0: ("table", 0.5), 1: ("f32bits", 2.0 ** 126), 2: ("f16bits", E2M1_FP16_UNSCALE)}
         variants = [(f"bytes decode={name}", _bytes_kernel, dict(BITS=bits), factor)
                     for bits, (name, factor) in decodes.items()]

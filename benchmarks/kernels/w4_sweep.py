@@ -83,12 +83,12 @@ def sweep_gemv(lines):
             sweep = m in (1, 8)
             best = None
             for tiles in (configs if sweep else [gemv.GEMV_TILES]):
-                t = bench(lambda: gemv._gemv(x, w, s, None, False, tiles))
+                t = bench(lambda: gemv._gemv(x, w, s, None, g, None, awq=False, tiles=tiles))
                 best = min(best or (t, ()), (t, tiles))
-            t_default = bench(lambda: gemv._gemv(x, w, s, None, False))
-            err = rel(gemv._gemv(x, w, s, None, False) * 0.5, x.float() @ wq.t())
-            t_awq = bench(lambda: gemv._gemv(x, aw, asc, az, True))
-            err_awq = rel(gemv._gemv(x, aw, asc, az, True), x.float() @ awq_w.t())
+            t_default = bench(lambda: gemv._gemv(x, w, s, None, g, None, awq=False))
+            err = rel(gemv._gemv(x, w, s, None, g, None, awq=False).float(), x.float() @ wq.t())
+            t_awq = bench(lambda: gemv._gemv(x, aw, asc, az, None, None, awq=True))
+            err_awq = rel(gemv._gemv(x, aw, asc, az, None, None, awq=True).float(), x.float() @ awq_w.t())
             t_w4a8 = bench(lambda: torch._scaled_mm(xq, k4._expand_fp8(w, s, rf, False).t(), scale_a=ones_m,
                                                     scale_b=row_scale, out_dtype=torch.bfloat16))
             t_bf16 = bench(lambda: x @ wb.t())

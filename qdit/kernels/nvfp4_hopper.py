@@ -76,7 +76,7 @@ if triton is not None:
 
 
 def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
-                lr_up: torch.Tensor | None, lr_down: torch.Tensor | None, tiles=None) -> torch.Tensor:
+                lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None, tiles=None) -> torch.Tensor:
     n, k = weight.shape[0], weight.shape[1] * 2
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     group = k // scales.shape[1]

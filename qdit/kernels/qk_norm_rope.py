@@ -48,21 +48,20 @@ if triton is not None:
 
 
 def _freqs_bsd2(freqs: torch.Tensor, batch: int) -> torch.Tensor:
-    """float32 (cos, sin) pairs [B, S, D/2, 2] from complex freqs [S, D/2] (shared) or [B, S, D/2]."""
-    f = torch.view_as_real(freqs) if freqs.is_complex() else freqs
-    return f.unsqueeze(0).expand(batch, *f.shape) if f.dim() == 3 else f
+    """(cos, sin) pairs [B, S, D/2, 2] from pairs [S, D/2, 2] (shared by the batch) or [B, S, D/2, 2]."""
+    return freqs.unsqueeze(0).expand(batch, *freqs.shape) if freqs.dim() == 3 else freqs
 
 
 def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D] through diffusers' RMSNorm arithmetic (eager), then rotated (qdit.models.rotary)."""
-    from qdit.models.rotary import rotate_pairs
+    """x [B, S, H, D] through diffusers' RMSNorm arithmetic (eager), then rotated by freqs, float32
+    (cos, sin) pairs [S, D/2, 2] or [B, S, D/2, 2] (qdit.models.rotary)."""
+    from qdit.models.rotary import rotate_by_cos_sin
 
     variance = x.float().pow(2).mean(-1, keepdim=True)
     y = (x * torch.rsqrt(variance + eps)).to(x.dtype)
     if weight is not None:
         y = y * weight.to(x.dtype)
-    f = _freqs_bsd2(freqs, x.shape[0])
-    return rotate_pairs(y, torch.view_as_complex(f.contiguous()), head_axis=2)
+    return rotate_by_cos_sin(y, _freqs_bsd2(freqs, x.shape[0]).unsqueeze(2))
 
 
 @torch.library.custom_op("qdit::qk_norm_rope_cat", mutates_args=())
@@ -71,8 +70,7 @@ def qk_norm_rope_cat(xs: list[torch.Tensor], weights: list[torch.Tensor | None],
     """Streams xs[i] [B, S_i, H, D] normalized with (weights[i], eps[i]), rotated by freqs[i] (float32 (cos,
     sin) pairs [S_i, D/2, 2] or [B, S_i, D/2, 2]), concatenated along S."""
     if not xs[0].is_cuda or triton is None:
-        return torch.cat([qk_norm_rope_reference(x, w, e, torch.view_as_complex(f.contiguous()))
-                          for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
+        return torch.cat([qk_norm_rope_reference(x, w, e, f) for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
     b, _, h, d = xs[0].shape
     out = torch.empty((b, sum(x.shape[1] for x in xs), h, d), dtype=xs[0].dtype, device=xs[0].device)
     offset = 0

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import torch
 
+from qdit.models.activations import install_tanh_gelu
+
 
 @dataclass(frozen=True)
 class ModelAdapter:
@@ -46,8 +48,6 @@ class ModelAdapter:
     def install_compile_friendly_modules(self, model: torch.nn.Module) -> None:
         """qdit's attention processor and tanh-GELU modules on a loaded transformer: diffusers' math,
         written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations)."""
-        from qdit.models.activations import install_tanh_gelu
-
         install_tanh_gelu(model)
         if self.attention_processor is None:
             return

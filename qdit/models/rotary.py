@@ -22,8 +22,14 @@ def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor, head_axis: int) -> to
     """x [B, S, H, D] rotated by freqs_cis (complex [.., S, D/2]; unsqueezed at head_axis to line up with
     x's heads), element pairs (2i, 2i+1) taken as (real, imaginary): what diffusers computes with
     view_as_complex(x) * freqs_cis, in the same float32 arithmetic, returned in x's dtype."""
-    f = torch.view_as_real(freqs_cis).unsqueeze(head_axis)  # a view: no kernel, nothing complex left
-    cos, sin = f[..., 0], f[..., 1]
+    # view_as_real is a view: no kernel, nothing complex left for inductor
+    return rotate_by_cos_sin(x, torch.view_as_real(freqs_cis).unsqueeze(head_axis))
+
+
+def rotate_by_cos_sin(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """rotate_pairs with the rotation given as float32 (cos, sin) pairs [..., D/2, 2] that broadcast
+    against x [..., D] viewed as pairs."""
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
     return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)

@@ -28,8 +28,8 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
     gen = torch.Generator(device="cuda").manual_seed(sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
     weights = [(torch.rand(d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16) for _ in seqs]
-    freqs = [_freqs(s, d // 2) if shared_freqs else _freqs(batch, s, d // 2) for s in seqs]
-    got = qk_norm_rope_cat(xs, weights, [1e-6] * len(seqs), [torch.view_as_real(f) for f in freqs])
+    freqs = [torch.view_as_real(_freqs(s, d // 2) if shared_freqs else _freqs(batch, s, d // 2)) for s in seqs]
+    got = qk_norm_rope_cat(xs, weights, [1e-6] * len(seqs), freqs)
     want = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f) for x, w, f in zip(xs, weights, freqs)], dim=1)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     differ = got != want
