@@ -33,8 +33,6 @@ if triton is not None:
 
     from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled, int4_value
 
-if triton is not None:
-
     @triton.jit
     def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, up_ptr, down_ptr, out_ptr, N, K, RANK,
                            INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
