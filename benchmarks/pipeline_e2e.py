@@ -52,7 +52,7 @@ def main() -> int:
         config = QditConfig(quantize="none" if fmt == "bf16" else fmt, steps=args.steps, height=args.size,
                             width=args.size, seed=0)
         if args.compile:
-            compile_blocks(pipe.transformer, fullgraph=fmt != "bf16")  # diffusers BF16 as the bench runs it
+            compile_blocks(pipe.transformer, fullgraph=fmt != "bf16", qdit_heuristics=fmt != "bf16")  # diffusers BF16 as the bench runs it
         for graphed in (False, True) if args.cuda_graph else (False,):
             if graphed:
                 enable_cuda_graphs(pipe.transformer)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 
+import sympy
 import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.choices import InductorChoices
+from torch._inductor.runtime.hints import ReductionHint
 
 from qdit.models import adapter_for_class
 
@@ -13,14 +17,44 @@ from qdit.models import adapter_for_class
 # count; dynamo's default of 8 recompilations per code object is too few for that.
 RECOMPILE_LIMIT = 64
 
+# Widest row that a row reduction keeps whole in registers (the DiTs' hidden sizes are 3072 and 3840).
+PERSISTENT_ROW_MAX = 4096
 
-def compile_blocks(transformer: torch.nn.Module, *, fullgraph: bool = True, mode: str | None = None) -> float:
+
+class PersistentRowReductions(InductorChoices):
+    """Inductor's own heuristics, except that a reduction along rows of up to PERSISTENT_ROW_MAX elements
+    is persistent (the row held in registers) instead of looped. Inductor loops above 1024 elements; the
+    LayerNorm + modulation + FP8 quantization kernels that feed the quantized GEMMs then read each
+    3072-wide row two or three times. Held whole, the largest of them took 41 us instead of 65 us per
+    call on an H200 (Qwen-Image, 4096 tokens; benchmarks/results/h200-2026-12-03e)."""
+
+    @staticmethod
+    def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+        numel = features.reduction_numel
+        if (inductor_config.triton.persistent_reductions and not cooperative_reduction
+                and features.get_reduction_hint() == ReductionHint.INNER
+                and isinstance(numel, (int, sympy.Integer)) and int(numel) <= PERSISTENT_ROW_MAX):
+            return True
+        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    def uuid(self) -> str:  # part of inductor's compile-cache key
+        return f"qdit.PersistentRowReductions/{PERSISTENT_ROW_MAX}"
+
+
+# Inductor options qdit compiles its blocks with (passed per compiled block, not set globally).
+INDUCTOR_OPTIONS = {"inductor_choices_class": PersistentRowReductions}
+
+
+def compile_blocks(transformer: torch.nn.Module, *, fullgraph: bool = True, mode: str | None = None,
+                   qdit_heuristics: bool = True) -> float:
     """Wrap every repeated block with torch.compile; returns the seconds spent wrapping (compilation
-    itself happens on the first call: time that call to report compile time)."""
+    itself happens on the first call: time that call to report compile time). qdit_heuristics=False
+    compiles with inductor's stock options (how the benchmark's diffusers peers are compiled)."""
     adapter = adapter_for_class(type(transformer).__name__, source=type(transformer).__name__)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    options = dict(INDUCTOR_OPTIONS) if qdit_heuristics and mode is None else None
     start = time.perf_counter()
     for attr in adapter.block_lists:
         for block in getattr(transformer, attr):
-            block.compile(fullgraph=fullgraph, mode=mode)
+            block.compile(fullgraph=fullgraph, mode=mode, options=options)
     return time.perf_counter() - start
