@@ -18,7 +18,8 @@ log = logging.getLogger("qdit")
 
 
 def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     backend: str | None = None, quantize: str | None = None) -> torch.nn.Module:
+                     backend: str | None = None, quantize: str | None = None,
+                     attention: str = "bf16") -> torch.nn.Module:
     """Load a diffusers DiT transformer with qdit's quantized layers.
 
     path: a transformer folder (config.json + safetensors) or a pipeline folder (model_index.json).
@@ -26,6 +27,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
         checkpoint runs in BF16); "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4" or "nvfp4_svd"
         quantizes a BF16 checkpoint while it loads.
     backend: force a kernel backend by name (default: the best one for the device, per layer).
+    attention: "bf16" (diffusers' attention) or "fp8" (cuDNN's FP8 attention: Qwen-Image, Z-Image).
     """
     device = torch.device(device)
     ckpt = open_checkpoint(path)
@@ -39,7 +41,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
              f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
-    adapter.install_compile_friendly_modules(model)
+    adapter.install_compile_friendly_modules(model, attention=attention)
     model.qdit_load_report = report
     model.qdit_plan = plan
     return model
@@ -48,12 +50,13 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
 def random_transformer(model: str, *, full_size: bool = False, config: dict[str, Any] | None = None,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                        backend: str | None = None, quantize: str | None = None, seed: int = 0,
-                       diffusers_modules: bool = False) -> torch.nn.Module:
+                       diffusers_modules: bool = False, attention: str = "bf16") -> torch.nn.Module:
     """A transformer with seeded random weights, built and quantized exactly as a checkpoint load would be.
 
     model: an adapter name ("qwen-image", "flux", "z-image"); full_size picks the published config,
     otherwise the tiny one, unless `config` is given. diffusers_modules keeps diffusers' own attention
-    processors and activations (the benchmark's diffusers peers) instead of qdit's.
+    processors and activations (the benchmark's diffusers peers) instead of qdit's; attention as for
+    load_transformer.
     """
     adapter = adapter_by_name(model)
     device = torch.device(device)
@@ -65,7 +68,7 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                                quantize_from_full=quantize not in (None, "none"))
     if not diffusers_modules:
-        adapter.install_compile_friendly_modules(model_)
+        adapter.install_compile_friendly_modules(model_, attention=attention)
     model_.qdit_load_report = report
     model_.qdit_plan = plan
     return model_

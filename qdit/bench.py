@@ -175,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--formats", default="bf16,fp8,fp8_static,fp8_per_channel,nvfp4,nvfp4_svd,w4a16_nvfp4",
                         help="bf16 = diffusers' own model; <fmt>_static = quantized at load, then activation "
-                             "scales calibrated on the step's inputs (a ModelOpt export's layout)")
+                             "scales calibrated on the step's inputs (a ModelOpt export's layout); <fmt>+fp8attn = "
+                             "with FP8 attention")
     parser.add_argument("--compile", default="all", help="formats also timed compiled ('all' or a list)")
     parser.add_argument("--reference-forward", default="",
                         help="formats whose reference-backend forward is timed once (smoke test)")
@@ -207,16 +208,22 @@ def run_one(args, height: int, width: int, batch: int) -> None:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
-        # (the layout of a ModelOpt export with static input_scale).
-        base_fmt = fmt.removesuffix("_static")
-        peer = fmt in ("bf16", "torchao_fp8")
+        # (the layout of a ModelOpt export with static input_scale); "<format>+fp8attn": FP8 attention.
+        spec, _, option = fmt.partition("+")
+        if option not in ("", "fp8attn"):
+            raise SystemExit(f"qdit bench: unknown format option {option!r} in {fmt!r} (known: fp8attn)")
+        base_fmt = spec.removesuffix("_static")
+        peer = spec in ("bf16", "torchao_fp8")
+        if peer and option:
+            raise SystemExit(f"qdit bench: {spec} is a diffusers peer; FP8 attention is for qdit's formats")
         model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if peer else base_fmt, diffusers_modules=peer)
-        if fmt == "torchao_fp8":
+                                   quantize=None if peer else base_fmt, diffusers_modules=peer,
+                                   attention="fp8" if option == "fp8attn" else "bf16")
+        if spec == "torchao_fp8":
             torchao_fp8(model, adapter)
         inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
                                         text_tokens=args.text_tokens, device=device)
-        if fmt.endswith("_static"):
+        if spec.endswith("_static"):
             calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
         torch.cuda.synchronize()
         row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),

@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
                  "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
-                 "cuda_graph": args.cuda_graph or None}
+                 "cuda_graph": args.cuda_graph or None, "attention": args.attention}
     if args.model is None:
         from qdit.eval.evaluate import SHIPPED_MODEL
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its header (most legacy folders); when SRC has one, --base wins")
     p.set_defaults(func=cmd_convert_nunchaku)
 
-    from qdit.config import QUANTIZE_CHOICES
+    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES
 
     p = sub.add_parser("generate", help="text to image with a (quantized) diffusers pipeline")
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-fp8", action="store_true")
     p.add_argument("--vae-fp8", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
+                   help="fp8: cuDNN's FP8 attention (Hopper/Blackwell; Qwen-Image and Z-Image)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the transformer's forward from CUDA graphs (GPU): no per-kernel launch cost")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -19,6 +19,7 @@ from qdit.errors import QditError
 QUANTIZE_CHOICES = ("auto", "none", "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4", "nvfp4_svd",
                     "mixed_fp8_nvfp4", "svdq_int4", "svdq_nvfp4")
 DTYPES = ("bfloat16", "float16", "float32")
+ATTENTION_CHOICES = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class QditConfig:
     vae_fp8: bool = False  # store VAE Linear/Conv weights in FP8
     compile: bool = False  # torch.compile each repeated transformer block (fullgraph)
     cuda_graph: bool = False  # replay the transformer's forward from CUDA graphs (GPU; one capture per shape)
+    attention: str = "bf16"  # fp8: cuDNN's FP8 attention in the transformer (Qwen-Image, Z-Image)
     # generation
     steps: int = 20
     guidance: float | None = None  # None: the pipeline's default
@@ -43,6 +45,8 @@ class QditConfig:
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
             raise QditError(f"config: quantize={self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise QditError(f"config: attention={self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
         if self.dtype not in DTYPES:
             raise QditError(f"config: dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("steps", "height", "width", "num_images"):

@@ -8,6 +8,9 @@ from typing import Any, Callable
 
 import torch
 
+from qdit.config import ATTENTION_CHOICES
+from qdit.errors import QditError
+from qdit.kernels.attention_fp8 import check_fp8_attention
 from qdit.models.activations import install_tanh_gelu
 
 
@@ -43,17 +46,25 @@ class ModelAdapter:
     bench_text_tokens: int = 256
     # Builds qdit's attention processor for the model's Attention modules (diffusers' math, written so
     # that torch.compile fuses it: qdit.models.rotary); None keeps diffusers' own.
-    attention_processor: Callable[[], Any] | None = None
+    attention_processor: Callable[..., Any] | None = None
 
-    def install_compile_friendly_modules(self, model: torch.nn.Module) -> None:
+    def install_compile_friendly_modules(self, model: torch.nn.Module, attention: str = "bf16") -> None:
         """qdit's attention processor and tanh-GELU modules on a loaded transformer: diffusers' math,
-        written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations)."""
+        written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations).
+        attention="fp8": the processor computes attention in FP8 (qdit.kernels.attention_fp8)."""
+        if attention not in ATTENTION_CHOICES:
+            raise QditError(f"attention={attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if attention == "fp8":
+            if self.attention_processor is None:
+                raise QditError(f"attention='fp8' is not available for {self.class_name} yet (qdit has no "
+                                f"attention processor of its own for it); use attention='bf16'")
+            check_fp8_attention(next(model.parameters()).device, self.class_name)
         install_tanh_gelu(model)
         if self.attention_processor is None:
             return
         # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
         # set_attn_processor); one processor instance is shared, as set_attn_processor would.
-        processor = self.attention_processor()
+        processor = self.attention_processor(fp8=attention == "fp8")
         for module in model.modules():
             if hasattr(module, "set_processor") and hasattr(module, "processor"):
                 module.set_processor(processor)

@@ -11,11 +11,16 @@ set_processor; diffusers' classes are not modified.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import RMSNorm
 
+from qdit.kernels.attention_fp8 import fp8_attention
 from qdit.kernels.qk_norm_rope import qk_norm_rope_cat
+
+log = logging.getLogger("qdit")
 
 
 def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor, head_axis: int) -> torch.Tensor:
@@ -53,7 +58,17 @@ class _DispatchedAttention:
     _attention_backend = None
     _parallel_config = None
 
+    def __init__(self, fp8: bool = False):
+        # fp8: attention in FP8 (qdit.kernels.attention_fp8) for calls without a mask.
+        self.fp8 = fp8
+        self._told_masked = False
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.fp8 and mask is None:
+            return fp8_attention(q, k, v).flatten(2, 3)
+        if self.fp8 and not self._told_masked:  # padded prompts: cuDNN's FP8 kernel takes no key mask here
+            log.warning("FP8 attention: calls with an attention mask use diffusers' BF16 attention")
+            self._told_masked = True
         out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         return out.flatten(2, 3)
