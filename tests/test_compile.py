@@ -8,7 +8,7 @@ import torch
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 
-from qdit.compile import PERSISTENT_ROW_MAX, PersistentRowReductions
+from qdit.compile import PERSISTENT_ROW_MAX, PersistentRowReductions, inductor_with_qdit_heuristics
 
 
 def _features(hint, numel):
@@ -41,11 +41,28 @@ def test_uuid_names_the_heuristic_and_its_limit():
     assert str(PERSISTENT_ROW_MAX) in PersistentRowReductions().uuid()
 
 
-def test_compiled_layer_norm_with_the_heuristics_matches_eager():
-    # The option is accepted by torch.compile and the compiled code (here inductor's CPU backend)
-    # computes what eager does.
-    norm = torch.nn.LayerNorm(3072, elementwise_affine=False)
+def _norm_modulate(t):
+    return (torch.nn.functional.layer_norm(t, (t.shape[-1],)) * 1.5 + 0.25).clamp(-4, 4)
+
+
+def test_the_backend_compiles_with_the_heuristics_even_after_a_stock_compile(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._inductor.virtualized import V
+
     x = torch.randn(8, 3072)
-    fn = torch.compile(lambda t: (norm(t) * 1.5 + 0.25).clamp(-4, 4), fullgraph=True,
-                       options={"inductor_choices_class": PersistentRowReductions})
-    torch.testing.assert_close(fn(x), (norm(x) * 1.5 + 0.25).clamp(-4, 4), atol=1e-5, rtol=1e-5)
+    torch.compile(lambda t: t.sin() + 1, fullgraph=True)(x)  # inductor has handed out its stock heuristics
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(graph_module, example_inputs, **kwargs):
+        seen.append((type(V.choices), kwargs.get("config_patches")))
+        return real(graph_module, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    fn = torch.compile(_norm_modulate, fullgraph=True, backend=inductor_with_qdit_heuristics)
+    torch.testing.assert_close(fn(x), _norm_modulate(x), atol=1e-5, rtol=1e-5)  # CPU inductor's code
+    # compile_fx applies the patches and calls itself again: both calls saw qdit's heuristics
+    assert seen[0] == (PersistentRowReductions, {"inductor_choices_class": PersistentRowReductions})
+    assert {choices for choices, _ in seen} == {PersistentRowReductions}
+    assert type(V.choices) is not PersistentRowReductions  # only while compiling qdit's graph
+    torch._dynamo.reset()

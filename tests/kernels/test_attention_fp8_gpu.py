@@ -35,11 +35,13 @@ def test_cudnn_kernel_matches_the_reference(batch, seq_q, seq_kv, heads, sharpne
     (q8, sq), (k8, sk), (v8, sv) = (quantize_per_tensor(t) for t in (q, k, v))
     got = fp8_sdpa(q8, k8, v8, sq, sk, sv).float() * sv
     want = fp8_attention_reference(q8, k8, v8, sq, sk, sv).float() * sv
-    # Same codes in; the kernel's blockwise softmax (running max) rounds P and O at slightly different
-    # points than the reference's one-pass softmax: a few E4M3 steps on some elements, little in norm.
-    assert _rel(got, want) < 0.03
+    # Same codes in. The kernel's blockwise softmax rounds P relative to a running maximum, the
+    # reference relative to the row's maximum, so P's E4M3 roundings differ (3.9% in norm on flat
+    # random attention, where P's rounding is a large share of the error): the kernel must be as close
+    # to exact attention as the reference is, and near it.
     exact = _exact(q, k, v)
-    assert _rel(got, exact) < 0.12 and _rel(want, exact) < 0.12
+    assert _rel(got, exact) <= 1.1 * _rel(want, exact) + 5e-3, (_rel(got, exact), _rel(want, exact))
+    assert _rel(got, want) < 0.06 and _rel(want, exact) < 0.12
     assert _rel(fp8_attention(q, k, v), exact) < 0.12
 
 

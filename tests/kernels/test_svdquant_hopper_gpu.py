@@ -125,14 +125,20 @@ def test_awq_compiles_without_graph_breaks(m):
 def test_ops_compile_without_graph_breaks(backend, m):
     lq = LayerQuant(Scheme.SVDQ_INT4, lora_rank=32)
     layer = make_layer(lq, 256, 384, seed=0)
-    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
     eager = run(layer, backend, x)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)(x)
     if backend == "svdq-hopper-exact":
         assert torch.equal(eager, compiled)  # its custom ops run as they do eagerly
-    else:  # the FP8 quantization is fused under compile, with the shifted, smoothed input kept in float32
-        assert rel(compiled, eager) < 0.02
+    else:
+        # The FP8 quantization is fused under compile, with the shifted, smoothed input kept in float32
+        # instead of bf16: some activations round to the neighbouring E4M3 value (one row of 256 moved
+        # the output by 2.3% once). Compiled must be as close to the W4A4 reference as eager is.
+        ref = svdq_reference_forward(layer, x)
+        assert rel(compiled, ref) <= 1.1 * rel(eager, ref) + 5e-3, (rel(compiled, ref), rel(eager, ref))
+        assert rel(compiled, eager) < 0.05
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
