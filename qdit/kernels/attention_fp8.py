@@ -119,20 +119,35 @@ class _CudnnGraph:
 _GRAPHS: dict[tuple, _CudnnGraph] = {}
 
 
-@torch.library.custom_op("qdit::fp8_sdpa", mutates_args=())
-def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor, scale_k: torch.Tensor,
-             scale_v: torch.Tensor) -> torch.Tensor:
-    """E4M3 q [B, S_q, H, D], k and v [B, S_kv, H, D] (contiguous) with float32 scales [1, 1, 1, 1] ->
-    O's E4M3 codes [B, S_q, H, D], scaled by scale_v. cuDNN on CUDA, the PyTorch reference elsewhere."""
-    if q.device.type != "cuda":
-        return fp8_attention_reference(q, k, v, scale_q, scale_k, scale_v)
+def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
+                   scale_k: torch.Tensor, scale_v: torch.Tensor) -> torch.Tensor:
+    """fp8_sdpa on cuDNN; a clear error where cuDNN's FP8 attention cannot run or has no kernel for
+    the shape."""
+    verdict = fp8_attention_verdict(q.device)
+    if not verdict.ok:
+        raise QditError(f"qdit::fp8_sdpa cannot run on {q.device}: {verdict.reason}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the graph's strides are [B, S, H, D]'s
     batch, seq_q, heads, dim = q.shape
     key = (batch, seq_q, k.shape[1], heads, dim, q.device.index)
     graph = _GRAPHS.get(key)
     if graph is None:
-        graph = _GRAPHS[key] = _CudnnGraph(batch, seq_q, k.shape[1], heads, dim, q.device)
+        try:
+            graph = _CudnnGraph(batch, seq_q, k.shape[1], heads, dim, q.device)
+        except Exception as e:  # cuDNN's own error types; re-raised with the shape and what to do
+            raise QditError(f"cuDNN has no FP8 attention for q {tuple(q.shape)}, k/v {tuple(k.shape)} "
+                            f"([B, S, H, D]) on this GPU: {e}. Use attention='bf16'.") from e
+        _GRAPHS[key] = graph
     return graph.run(q, k, v, scale_q, scale_k, scale_v)
+
+
+@torch.library.custom_op("qdit::fp8_sdpa", mutates_args=())
+def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor, scale_k: torch.Tensor,
+             scale_v: torch.Tensor) -> torch.Tensor:
+    """E4M3 q [B, S_q, H, D], k and v [B, S_kv, H, D] with float32 scales [1, 1, 1, 1] -> O's E4M3 codes
+    [B, S_q, H, D], scaled by scale_v. cuDNN on CUDA, the PyTorch reference elsewhere."""
+    if q.device.type != "cuda":
+        return fp8_attention_reference(q, k, v, scale_q, scale_k, scale_v)
+    return cudnn_fp8_sdpa(q, k, v, scale_q, scale_k, scale_v)
 
 
 @fp8_sdpa.register_fake
