@@ -22,6 +22,7 @@ import torch
 
 from qdit.errors import QditError
 from qdit.kernels.registry import YES, Verdict
+from qdit.quant.numerics import E4M3_MAX, fp8_quantize_static, to_e4m3
 
 try:  # optional: pip install "qdit[cudnn]"
     import cudnn
@@ -29,8 +30,6 @@ except ImportError:
     cudnn = None
 
 log = logging.getLogger("qdit")
-
-E4M3_MAX = 448.0
 
 
 def fp8_attention_verdict(device: torch.device) -> Verdict:
@@ -50,9 +49,9 @@ def fp8_attention_verdict(device: torch.device) -> Verdict:
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 codes of x and its float32 scale [1, 1, 1, 1] (amax / 448). Plain tensor ops: under
     torch.compile inductor fuses them with the kernels around them."""
-    scale = (x.abs().amax().float() / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny).reshape(1, 1, 1, 1)
-    codes = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
+    amax = x.abs().amax().float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).reshape(1, 1, 1, 1)
+    return fp8_quantize_static(x, scale), scale
 
 
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
@@ -63,10 +62,10 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) / math.sqrt(q.shape[-1])
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     row_sum = p.sum(dim=-1, keepdim=True)
-    p = (p * E4M3_MAX).to(torch.float8_e4m3fn).float() / E4M3_MAX
+    p = to_e4m3(p * E4M3_MAX).float() / E4M3_MAX
     out = torch.einsum("bhqk,bkhd->bqhd", p / row_sum, vf)
     # contiguous, as the op's fake implementation (and cuDNN's output) is
-    return (out / scale_v).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+    return to_e4m3(out / scale_v).contiguous()
 
 
 class _CudnnGraph:
@@ -122,15 +121,15 @@ _GRAPHS: dict[tuple, _CudnnGraph] = {}
 def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
                    scale_k: torch.Tensor, scale_v: torch.Tensor) -> torch.Tensor:
     """fp8_sdpa on cuDNN; a clear error where cuDNN's FP8 attention cannot run or has no kernel for
-    the shape."""
-    verdict = fp8_attention_verdict(q.device)
-    if not verdict.ok:
-        raise QditError(f"qdit::fp8_sdpa cannot run on {q.device}: {verdict.reason}")
+    the shape (checked when a shape's graph is built, not on every call)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the graph's strides are [B, S, H, D]'s
     batch, seq_q, heads, dim = q.shape
     key = (batch, seq_q, k.shape[1], heads, dim, q.device.index)
     graph = _GRAPHS.get(key)
     if graph is None:
+        verdict = fp8_attention_verdict(q.device)
+        if not verdict.ok:
+            raise QditError(f"qdit::fp8_sdpa cannot run on {q.device}: {verdict.reason}")
         try:
             graph = _CudnnGraph(batch, seq_q, k.shape[1], heads, dim, q.device)
         except Exception as e:  # cuDNN's own error types; re-raised with the shape and what to do

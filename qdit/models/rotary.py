@@ -59,16 +59,16 @@ class _DispatchedAttention:
     _parallel_config = None
 
     def __init__(self, fp8: bool = False):
-        # fp8: attention in FP8 (qdit.kernels.attention_fp8) for calls without a mask.
+        # fp8: attention in FP8 (qdit.kernels.attention_fp8) for calls without a mask. Said here, once per
+        # model, not when a masked call comes: a log call inside a compiled block would break its graph.
         self.fp8 = fp8
-        self._told_masked = False
+        if fp8:
+            log.warning("FP8 attention: calls with an attention mask (padded prompts) use diffusers' BF16 "
+                        "attention; cuDNN's FP8 kernel takes no key mask here")
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.fp8 and mask is None:
             return fp8_attention(q, k, v).flatten(2, 3)
-        if self.fp8 and not self._told_masked:  # padded prompts: cuDNN's FP8 kernel takes no key mask here
-            log.warning("FP8 attention: calls with an attention mask use diffusers' BF16 attention")
-            self._told_masked = True
         out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         return out.flatten(2, 3)

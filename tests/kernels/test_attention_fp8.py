@@ -113,6 +113,8 @@ def test_masked_calls_use_bf16_attention_and_say_so(caplog):
         fp8 = _model_outputs("qwen-image", "fp8", mask=True)
     assert "attention mask" in caplog.text
     assert torch.equal(fp8, _model_outputs("qwen-image", "bf16", mask=True))
+    # and they compile with fullgraph: nothing is logged from inside the block
+    assert torch.equal(_model_outputs("qwen-image", "fp8", mask=True, compile_block=True), fp8)
 
 
 def test_models_without_a_qdit_processor_and_unknown_choices_are_refused():
