@@ -156,9 +156,17 @@ def _(q, k, v, scale_q, scale_k, scale_v):
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of q, k, v [B, S, H, D] (no mask) in FP8, returned as [B, S_q, H, D] in q's dtype."""
-    (q8, scale_q), (k8, scale_k), (v8, scale_v) = (quantize_per_tensor(t.contiguous()) for t in (q, k, v))
+    (q8, scale_q), (k8, scale_k) = (quantize_per_tensor(t.contiguous()) for t in (q, k))
+    return fp8_attention_of_codes(q8, scale_q, k8, scale_k, v)
+
+
+def fp8_attention_of_codes(q8: torch.Tensor, scale_q: torch.Tensor, k8: torch.Tensor, scale_k: torch.Tensor,
+                           v: torch.Tensor) -> torch.Tensor:
+    """fp8_attention with q and k already E4M3 (as qdit::qk_norm_rope_cat_fp8 writes them); v in the
+    model's dtype, which the result [B, S_q, H, D] takes."""
+    v8, scale_v = quantize_per_tensor(v.contiguous())
     out = fp8_sdpa(q8, k8, v8, scale_q, scale_k, scale_v)
-    return (out.float() * scale_v).to(q.dtype)
+    return (out.float() * scale_v).to(v.dtype)
 
 
 def check_fp8_attention(device: torch.device, where: str) -> None:

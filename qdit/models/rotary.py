@@ -17,8 +17,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import RMSNorm
 
-from qdit.kernels.attention_fp8 import fp8_attention
-from qdit.kernels.qk_norm_rope import qk_norm_rope_cat
+from qdit.kernels.attention_fp8 import fp8_attention_of_codes, quantize_per_tensor
+from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
 
 log = logging.getLogger("qdit")
 
@@ -44,13 +44,28 @@ def normalize_rotate_concat(streams: list[torch.Tensor], norms: list, freqs: lis
     """Queries or keys of the streams ([B, S_i, H, D] each): each through its QK norm, rotated by its
     freqs, concatenated along the sequence. With RMSNorms (what the published models use) this is one
     op, qdit::qk_norm_rope_cat, fused on CUDA; any other norm takes diffusers' modules and rotate_pairs."""
-    if freqs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms):
+    if _fused(norms, freqs):
         return qk_norm_rope_cat(streams, [n.weight for n in norms], [float(n.eps) for n in norms],
                                 [torch.view_as_real(f) for f in freqs])
     streams = [n(x) if n is not None else x for x, n in zip(streams, norms)]
     if freqs is not None:
         streams = [rotate_pairs(x, f, head_axis=1 if f.dim() == 2 else 2) for x, f in zip(streams, freqs)]
     return torch.cat(streams, dim=1) if len(streams) > 1 else streams[0]
+
+
+def normalize_rotate_concat_fp8(streams: list[torch.Tensor], norms: list,
+                                freqs: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize_rotate_concat as E4M3 codes and their per-tensor scale, for FP8 attention. With RMSNorms
+    the fused op writes the codes directly, its scale fixed by the norm weights (no amax pass); other
+    norms take the unfused result and its amax."""
+    if _fused(norms, freqs):
+        return qk_norm_rope_cat_fp8(streams, [n.weight for n in norms], [float(n.eps) for n in norms],
+                                    [torch.view_as_real(f) for f in freqs])
+    return quantize_per_tensor(normalize_rotate_concat(streams, norms, freqs).contiguous())
+
+
+def _fused(norms: list, freqs: list[torch.Tensor] | None) -> bool:
+    return freqs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms)
 
 
 class _DispatchedAttention:
@@ -66,12 +81,19 @@ class _DispatchedAttention:
             log.warning("FP8 attention: calls with an attention mask (padded prompts) use diffusers' BF16 "
                         "attention; cuDNN's FP8 kernel takes no key mask here")
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q_streams: list[torch.Tensor], k_streams: list[torch.Tensor], q_norms: list, k_norms: list,
+                freqs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the streams' queries and keys (each through its norm and rotary, concatenated
+        along S) over v [B, S, H, D]; returns [B, S, H * D] in v's dtype."""
         if self.fp8 and mask is None:
-            return fp8_attention(q, k, v).flatten(2, 3)
+            q8, scale_q = normalize_rotate_concat_fp8(q_streams, q_norms, freqs)
+            k8, scale_k = normalize_rotate_concat_fp8(k_streams, k_norms, freqs)
+            return fp8_attention_of_codes(q8, scale_q, k8, scale_k, v).flatten(2, 3)
+        q = normalize_rotate_concat(q_streams, q_norms, freqs)
+        k = normalize_rotate_concat(k_streams, k_norms, freqs)
         out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-        return out.flatten(2, 3)
+        return out.flatten(2, 3).to(v.dtype)
 
 
 class QwenImageJointAttention(_DispatchedAttention):
@@ -92,14 +114,13 @@ class QwenImageJointAttention(_DispatchedAttention):
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             freqs = [txt_freqs, img_freqs]
-        q = normalize_rotate_concat([txt[0], img[0]], [attn.norm_added_q, attn.norm_q], freqs)
-        k = normalize_rotate_concat([txt[1], img[1]], [attn.norm_added_k, attn.norm_k], freqs)
         v = torch.cat([txt[2], img[2]], dim=1)
         mask = None
         if encoder_hidden_states_mask is not None:
             image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-        joint = self._attend(q, k, v, mask).to(q.dtype)
+        joint = self._attend([txt[0], img[0]], [txt[1], img[1]], [attn.norm_added_q, attn.norm_q],
+                             [attn.norm_added_k, attn.norm_k], freqs, v, mask)
         seq_txt = encoder_hidden_states.shape[1]
         img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
         if len(attn.to_out) > 1:
@@ -115,11 +136,9 @@ class ZImageAttention(_DispatchedAttention):
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         freqs = None if freqs_cis is None else [freqs_cis]
-        q = normalize_rotate_concat([q], [attn.norm_q], freqs)
-        k = normalize_rotate_concat([k], [attn.norm_k], freqs)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        out = attn.to_out[0](self._attend(q, k, v, attention_mask).to(q.dtype))
+        out = attn.to_out[0](self._attend([q], [k], [attn.norm_q], [attn.norm_k], freqs, v, attention_mask))
         if len(attn.to_out) > 1:
             out = attn.to_out[1](out)  # dropout
         return out

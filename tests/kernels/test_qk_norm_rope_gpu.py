@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_reference
+from qdit.kernels.qk_norm_rope import qk_fp8_scale, qk_norm_rope_cat, qk_norm_rope_cat_fp8, qk_norm_rope_reference
+from qdit.quant.numerics import fp8_quantize_static
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -36,6 +37,36 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
     assert differ.float().mean().item() < 0.02
     assert (got.float() - want.float()).abs().max().item() <= 2**-5 + 2**-6
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("batch,seqs,heads,weighted", [
+    (1, (256, 4096), 24, (True, True)),  # Qwen-Image at 1024²
+    (2, (7, 333), 3, (True, False)),     # a stream without a norm weight: bound of weight 1
+    (2, (4128,), 30, (True,)),           # Z-Image
+])
+def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
+    """The scale is bit-exact (same float32 product of the same max). The codes come from the bf16
+    values, which may differ by one bf16 step (test above): that can move a code by one E4M3 step."""
+    d = 128
+    gen = torch.Generator(device="cuda").manual_seed(7 + sum(seqs))
+    xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
+    weights = [(torch.rand(d, device="cuda", generator=gen) * 2 + 0.5).to(torch.bfloat16) if has else None
+               for has in weighted]
+    freqs = [torch.view_as_real(_freqs(s, d // 2)) for s in seqs]
+    eps = [1e-6] * len(seqs)
+    codes, scale = qk_norm_rope_cat_fp8(xs, weights, eps, freqs)
+    want_scale = qk_fp8_scale(weights, d)
+    want = fp8_quantize_static(
+        torch.cat([qk_norm_rope_reference(x, w, 1e-6, f) for x, w, f in zip(xs, weights, freqs)], dim=1), want_scale)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == want.shape
+    assert torch.equal(scale, want_scale)
+    got_f, want_f = codes.float(), want.float()
+    assert (got_f != want_f).float().mean().item() < 0.02
+    assert ((got_f - want_f).abs() <= want_f.abs() / 8 + 2**-9).all()  # at most one E4M3 step
+    assert ((got_f - want_f).norm() / want_f.norm()).item() < 0.02
+    # and the fp8 codes are the bf16 kernel's output rounded
+    same = fp8_quantize_static(qk_norm_rope_cat(xs, weights, eps, freqs), scale)
+    assert torch.equal(codes.view(torch.uint8), same.view(torch.uint8))
 
 
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])
