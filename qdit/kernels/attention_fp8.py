@@ -1,7 +1,8 @@
 """FP8 attention: cuDNN's FP8 flash-attention forward, through cudnn-frontend's Python graph API.
 
 Numerics (the reference below computes exactly these steps in PyTorch):
-  q, k, v: E4M3 codes with one float32 scale per tensor, s = amax(|x|) / 448;
+  q, k, v: E4M3 codes with one float32 scale per tensor (v: s = amax(|x|) / 448; q and k from qdit's
+      processors: the bound of qdit.kernels.qk_norm_rope, written with the codes);
   scores = (q k^T) / sqrt(D), softmax in float32;
   probabilities P (each <= 1 after the running-max subtraction) multiplied by 448, rounded to E4M3;
   O = (P v) / rowsum, rounded to E4M3 with the scale of v (O is a convex combination of v's rows, so
