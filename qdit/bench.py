@@ -12,6 +12,7 @@ qdit quantizes. Each row also times the conditioning-only Linears (timestep modu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -203,69 +204,90 @@ def run_one(args, height: int, width: int, batch: int) -> None:
     device = torch.device("cuda")
     rows = []
     for fmt in args.formats.split(","):
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
-        # (the layout of a ModelOpt export with static input_scale); "<format>+fp8attn": FP8 attention.
-        spec, _, option = fmt.partition("+")
-        if option not in ("", "fp8attn"):
-            raise SystemExit(f"qdit bench: unknown format option {option!r} in {fmt!r} (known: fp8attn)")
-        base_fmt = spec.removesuffix("_static")
-        peer = spec in ("bf16", "torchao_fp8")
-        if peer and option:
-            raise SystemExit(f"qdit bench: {spec} is a diffusers peer; FP8 attention is for qdit's formats")
-        model = random_transformer(args.model, full_size=True, device=device,
-                                   quantize=None if peer else base_fmt, diffusers_modules=peer,
-                                   attention="fp8" if option == "fp8attn" else "bf16")
-        if spec == "torchao_fp8":
-            torchao_fp8(model, adapter)
-        inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
-                                        text_tokens=args.text_tokens, device=device)
-        if spec.endswith("_static"):
-            calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
-        torch.cuda.synchronize()
-        row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),
-               "weight_gb": round(weight_bytes(model) / 1e9, 2),
-               "backends": model.qdit_load_report.backends}
-        fast = peer or any(b != "reference" for b in row["backends"])
-        if fast:
-            row["eager_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
-            count, ms = conditioning_linears_ms(model, adapter, args.batch, args.iters)
-            row["conditioning_linears"], row["conditioning_ms"] = count, round(ms, 2)
-        if fmt in args.reference_forward.split(","):
-            fast = {m: m.backend for m in model.modules() if isinstance(m, QuantLinear)}
-            for m in fast:
-                m.backend = backend_by_name("reference")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = adapter.output_tensor(model(**inputs))
-            torch.cuda.synchronize()
-            row["reference_forward_s"] = round(time.perf_counter() - t0, 2)
-            row["reference_output_finite"] = bool(torch.isfinite(out).all())
-            for m, b in fast.items():
-                m.backend = b
-        if args.compile == "all" or fmt in args.compile.split(","):
-            # A stage that fails is recorded in the results (and the run goes on to the next format).
-            try:
-                row["compile_s"] = round(timed_compile(model, inputs, adapter, peer=peer,
-                                                       mode=args.compile_mode or None), 1)
-                row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
-                if args.cuda_graph:
-                    row["compiled_graph_ms"] = round(graphed_step_ms(model, inputs, adapter, args.iters), 1)
-            except Exception as e:  # noqa: BLE001 - reported in the results file, not swallowed
-                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                print(f"{fmt}: {row['error']}", flush=True)
-        if fmt in args.profile.split(","):
-            profile(model, inputs, adapter, fmt)
-        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        del model, inputs
+        # A format's setup can change inductor's process-wide config: torchao's quantize_ turns on
+        # coordinate-descent tuning (recommended_inductor_config_setter) and never turns it off, which
+        # made every format after the torchao peer compile ten times longer and tune differently.
+        # Each format starts from, and hands back, the config the run began with.
+        with isolated_inductor_config():
+            rows.append(bench_format(args, fmt, adapter, device))
 
     write_results(args, rows, run_meta(args))
+
+
+def bench_format(args, fmt: str, adapter, device: torch.device) -> dict:
+    """Load, time and (if asked) compile, graph and profile one format: its results row."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
+    # (the layout of a ModelOpt export with static input_scale); "<format>+fp8attn": FP8 attention.
+    spec, _, option = fmt.partition("+")
+    if option not in ("", "fp8attn"):
+        raise SystemExit(f"qdit bench: unknown format option {option!r} in {fmt!r} (known: fp8attn)")
+    base_fmt = spec.removesuffix("_static")
+    peer = spec in ("bf16", "torchao_fp8")
+    if peer and option:
+        raise SystemExit(f"qdit bench: {spec} is a diffusers peer; FP8 attention is for qdit's formats")
+    model = random_transformer(args.model, full_size=True, device=device,
+                               quantize=None if peer else base_fmt, diffusers_modules=peer,
+                               attention="fp8" if option == "fp8attn" else "bf16")
+    if spec == "torchao_fp8":
+        torchao_fp8(model, adapter)
+    inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
+                                    text_tokens=args.text_tokens, device=device)
+    if spec.endswith("_static"):
+        calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
+    torch.cuda.synchronize()
+    row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),
+           "weight_gb": round(weight_bytes(model) / 1e9, 2),
+           "backends": model.qdit_load_report.backends}
+    fast = peer or any(b != "reference" for b in row["backends"])
+    if fast:
+        row["eager_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
+        count, ms = conditioning_linears_ms(model, adapter, args.batch, args.iters)
+        row["conditioning_linears"], row["conditioning_ms"] = count, round(ms, 2)
+    if fmt in args.reference_forward.split(","):
+        fast = {m: m.backend for m in model.modules() if isinstance(m, QuantLinear)}
+        for m in fast:
+            m.backend = backend_by_name("reference")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = adapter.output_tensor(model(**inputs))
+        torch.cuda.synchronize()
+        row["reference_forward_s"] = round(time.perf_counter() - t0, 2)
+        row["reference_output_finite"] = bool(torch.isfinite(out).all())
+        for m, b in fast.items():
+            m.backend = b
+    if args.compile == "all" or fmt in args.compile.split(","):
+        # A stage that fails is recorded in the results (and the run goes on to the next format).
+        try:
+            row["compile_s"] = round(timed_compile(model, inputs, adapter, peer=peer,
+                                                   mode=args.compile_mode or None), 1)
+            row["compiled_ms"] = round(step_ms(model, inputs, adapter, args.iters), 1)
+            if args.cuda_graph:
+                row["compiled_graph_ms"] = round(graphed_step_ms(model, inputs, adapter, args.iters), 1)
+        except Exception as e:  # noqa: BLE001 - reported in the results file, not swallowed
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"{fmt}: {row['error']}", flush=True)
+    if fmt in args.profile.split(","):
+        profile(model, inputs, adapter, fmt)
+    row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+@contextlib.contextmanager
+def isolated_inductor_config():
+    """Restore torch._inductor.config, every key, to what it was on entry (also after an error)."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.get_config_copy()
+    try:
+        yield
+    finally:
+        inductor_config.load_config(saved)
 
 
 def run_meta(args) -> dict:

@@ -61,3 +61,37 @@ def test_profile_parts_sort_kernels_by_their_names():
     assert parts["other"] == 0.5
     assert parts["total"] == pytest.approx(76.6)
     assert list(parts)[0] == "GEMM (cuBLAS/CUTLASS)"
+
+
+def test_each_format_starts_from_the_inductor_config_the_run_began_with(tmp_path, monkeypatch):
+    """torchao's quantize_ turns on coordinate-descent tuning for the whole process; a format measured
+    after it must not compile under that (it did: ten times the compile time, different tuning)."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def fake_bench_format(args, fmt, adapter, device):
+        seen.append((fmt, inductor_config.coordinate_descent_tuning, inductor_config.pre_grad_custom_pass))
+        inductor_config.coordinate_descent_tuning = True  # what torchao's recommended setter does
+        inductor_config.pre_grad_custom_pass = lambda graph: None
+        return {"format": fmt, "backends": {}, "load_s": 1.0, "weight_gb": 1.0, "peak_gb": 1.0}
+
+    monkeypatch.setattr(bench, "bench_format", fake_bench_format)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "Test GPU")
+    before = (inductor_config.coordinate_descent_tuning, inductor_config.pre_grad_custom_pass)
+    args = argparse.Namespace(model="z-image", text_tokens=None, formats="torchao_fp8,fp8_static",
+                              compile_mode="", out=str(tmp_path))
+    bench.run_one(args, 256, 256, 1)
+    assert [s[1:] for s in seen] == [before, before]
+    assert (inductor_config.coordinate_descent_tuning, inductor_config.pre_grad_custom_pass) == before
+
+
+def test_inductor_config_is_restored_after_an_error():
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.coordinate_descent_tuning
+    with pytest.raises(RuntimeError):
+        with bench.isolated_inductor_config():
+            inductor_config.coordinate_descent_tuning = not before
+            raise RuntimeError("a format failed")
+    assert inductor_config.coordinate_descent_tuning == before
