@@ -67,8 +67,8 @@ if triton is not None:
             if BOUND_WEIGHTS >= 2:
                 wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w1_ptr + offs_d).to(tl.float32)), axis=0))
             scale = tl.where(wmax > 0, wmax * bound_factor, 1.0)
-            # one IEEE division per program (Triton's `/` on float32 is approximate), then products: an
-            # IEEE division per element made the kernel a third slower
+            # one IEEE division per program (Triton's `/` on float32 is approximate), then products:
+            # codes = e4m3(x * (1 / scale)), as quantize_by_reciprocal computes them
             inv_scale = tl.math.div_rn(1.0, scale)
             out = tl.clamp(out.to(tl.float32) * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
             if WRITE_SCALE:
