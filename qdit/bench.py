@@ -280,14 +280,17 @@ def bench_format(args, fmt: str, adapter, device: torch.device) -> dict:
 
 @contextlib.contextmanager
 def isolated_inductor_config():
-    """Restore torch._inductor.config, every key, to what it was on entry (also after an error)."""
+    """Restore torch._inductor.config, every key, and the float32 matmul precision (torchao's setter
+    also changed that before version 0.18) to what they were on entry, also after an error."""
     import torch._inductor.config as inductor_config
 
     saved = inductor_config.get_config_copy()
+    matmul_precision = torch.get_float32_matmul_precision()
     try:
         yield
     finally:
         inductor_config.load_config(saved)
+        torch.set_float32_matmul_precision(matmul_precision)
 
 
 def run_meta(args) -> dict:

@@ -86,12 +86,13 @@ def test_each_format_starts_from_the_inductor_config_the_run_began_with(tmp_path
     assert (inductor_config.coordinate_descent_tuning, inductor_config.pre_grad_custom_pass) == before
 
 
-def test_inductor_config_is_restored_after_an_error():
+def test_inductor_config_and_matmul_precision_are_restored_after_an_error():
     import torch._inductor.config as inductor_config
 
-    before = inductor_config.coordinate_descent_tuning
+    before = inductor_config.coordinate_descent_tuning, bench.torch.get_float32_matmul_precision()
     with pytest.raises(RuntimeError):
         with bench.isolated_inductor_config():
-            inductor_config.coordinate_descent_tuning = not before
+            inductor_config.coordinate_descent_tuning = not before[0]
+            bench.torch.set_float32_matmul_precision("high" if before[1] != "high" else "medium")
             raise RuntimeError("a format failed")
-    assert inductor_config.coordinate_descent_tuning == before
+    assert (inductor_config.coordinate_descent_tuning, bench.torch.get_float32_matmul_precision()) == before

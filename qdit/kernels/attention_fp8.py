@@ -156,7 +156,7 @@ def _(q, k, v, scale_q, scale_k, scale_v):
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of q, k, v [B, S, H, D] (no mask) in FP8, returned as [B, S_q, H, D] in q's dtype."""
+    """Attention of q, k, v [B, S, H, D] (no mask) in FP8, returned as [B, S_q, H, D] in v's dtype."""
     (q8, scale_q), (k8, scale_k) = (quantize_per_tensor(t.contiguous()) for t in (q, k))
     return fp8_attention_of_codes(q8, scale_q, k8, scale_k, v)
 

@@ -14,8 +14,8 @@ For FP8 attention the same kernel writes E4M3 codes instead (qk_norm_rope_cat_fp
 scale that needs no pass over the result: after the norm sum(n^2) <= D, so every pair (y[2i], y[2i+1]),
 rotated or not, has length <= sqrt(D) * max|w|. That bound (times 1 + 2^-6 for the three roundings
 to x's dtype, each <= 2^-8 relative) maps to 448. It costs nothing in accuracy that matters: E4M3's
-relative step is the same over its whole normal range, and only values below 2^-6 of the bound (where
-codes turn subnormal) round more coarsely. On an H200, for Qwen-Image's q at 1024^2, this kernel takes
+relative step is the same over its whole normal range, and only values below 2^-6 * scale (1/28672 of
+the bound, where codes turn subnormal) round more coarsely. On an H200, for Qwen-Image's q at 1024^2, this kernel takes
 24.4 us per call against 43.0 us for the bf16 kernel plus the compiled amax and rounding passes it
 replaces, with the same rounding error (benchmarks/results/h200-2026-12-04/run3-qk-kernel.txt).
 """
@@ -37,7 +37,7 @@ if triton is not None:
                              stride_ob, stride_os, seq_offset, eps, HALF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, FP8_OUT: tl.constexpr = False, scale_ptr=None,
                              bound_w0_ptr=None, bound_w1_ptr=None, bound_factor=1.0, BOUND_WEIGHTS: tl.constexpr = 0,
-                             BOUND_HAS_ONE: tl.constexpr = False, WRITE_SCALE: tl.constexpr = False):
+                             BOUND_HAS_ONE: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         rmask = rows < ROWS
         h = rows % H
@@ -66,14 +66,14 @@ if triton is not None:
                 wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w0_ptr + offs_d).to(tl.float32)), axis=0))
             if BOUND_WEIGHTS >= 2:
                 wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w1_ptr + offs_d).to(tl.float32)), axis=0))
-            scale = tl.where(wmax > 0, wmax * bound_factor, 1.0)
+            scale = wmax * bound_factor
+            scale = tl.where(scale > 0, scale, 1.0)
             # one IEEE division per program (Triton's `/` on float32 is approximate), then products:
             # codes = e4m3(x * (1 / scale)), as quantize_by_reciprocal computes them
             inv_scale = tl.math.div_rn(1.0, scale)
             out = tl.clamp(out.to(tl.float32) * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
-            if WRITE_SCALE:
-                if tl.program_id(0) == 0:
-                    tl.store(scale_ptr, scale)
+            if tl.program_id(0) == 0:  # each stream's launch writes it: a stream may have no rows
+                tl.store(scale_ptr, scale)
         tl.store(out_ptr + (b * stride_ob + (s + seq_offset) * stride_os + h * 2 * HALF)[:, None] + offs_d[None, :],
                  out, mask=rmask[:, None])
 
@@ -106,7 +106,7 @@ def qk_fp8_scale(weights: list[torch.Tensor | None], head_dim: int) -> torch.Ten
     wmax = torch.stack([w.detach().abs().amax().float() if w is not None else torch.ones((), device=_device(weights))
                         for w in weights]).amax()
     scale = wmax * qk_fp8_bound_factor(head_dim)
-    return torch.where(wmax > 0, scale, torch.ones_like(scale)).reshape(1, 1, 1, 1)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).reshape(1, 1, 1, 1)
 
 
 def quantize_by_reciprocal(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -119,27 +119,32 @@ def _device(weights: list[torch.Tensor | None]) -> torch.device:
     return next((w.device for w in weights if w is not None), torch.device("cpu"))
 
 
+def _bound_weights(weights: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The distinct norm weights the FP8 scale is bounded by (the kernel takes two: Qwen-Image's text
+    and image norms)."""
+    bound = list(dict.fromkeys(w for w in weights if w is not None))
+    if len(bound) > 2:
+        raise ValueError(f"qk_norm_rope_cat_fp8 takes at most 2 distinct norm weights, got {len(bound)}")
+    return bound
+
+
 def _launch(xs, weights, eps, freqs, out, fp8_scale: torch.Tensor | None) -> None:
     """One kernel per stream, each writing its rows into `out` at its offset along S."""
     b, _, h, d = xs[0].shape
     fp8 = {}
     if fp8_scale is not None:
-        bound = list(dict.fromkeys(w for w in weights if w is not None))  # each weight once
-        if len(bound) > 2:
-            raise ValueError(f"qk_norm_rope_cat_fp8 takes at most 2 distinct norm weights, got {len(bound)}")
+        bound = _bound_weights(weights)
         fp8 = dict(FP8_OUT=True, scale_ptr=fp8_scale, bound_w0_ptr=bound[0] if bound else None,
                    bound_w1_ptr=bound[1] if len(bound) > 1 else None, bound_factor=qk_fp8_bound_factor(d),
                    BOUND_WEIGHTS=len(bound), BOUND_HAS_ONE=any(w is None for w in weights))
     offset = 0
-    for i, (x, w, e, f) in enumerate(zip(xs, weights, eps, freqs)):
+    for x, w, e, f in zip(xs, weights, eps, freqs):
         f = _freqs_bsd2(f, b)
         if x.stride(3) != 1 or x.stride(2) != d or f.stride(3) != 1 or f.stride(2) != 2:
             raise ValueError(f"qk_norm_rope_cat wants heads of contiguous values and contiguous (cos, sin) pairs; "
                              f"got x strides {x.stride()}, freqs strides {f.stride()}")
         rows = b * x.shape[1] * h
         block_rows = 16
-        if fp8:
-            fp8["WRITE_SCALE"] = i == 0
         _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
             x, w, f, out, rows, x.shape[1], h, x.stride(0), x.stride(1), f.stride(0), f.stride(1),
             out.stride(0), out.stride(1), offset, e, HALF=d // 2, HAS_WEIGHT=w is not None,
@@ -175,13 +180,19 @@ def qk_norm_rope_cat_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor | No
     """qk_norm_rope_cat's result as E4M3 codes [B, S, H, D] and their float32 scale [1, 1, 1, 1]
     (qk_fp8_scale of the weights): the codes are e4m3_sat(qk_norm_rope_cat(...) * (1 / scale))."""
     d = xs[0].shape[-1]
-    if not xs[0].is_cuda or triton is None:
+    _bound_weights(weights)  # the same limit on every device
+    if not xs[0].is_cuda or triton is None or _no_rows(xs):
         scale = qk_fp8_scale(weights, d)
         return quantize_by_reciprocal(qk_norm_rope_cat(xs, weights, eps, freqs), scale), scale
     out = torch.empty(_joint_shape(xs), dtype=torch.float8_e4m3fn, device=xs[0].device)
     scale = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=xs[0].device)
     _launch(xs, weights, eps, freqs, out, fp8_scale=scale)
     return out, scale
+
+
+def _no_rows(xs: list[torch.Tensor]) -> bool:
+    """No rows at all: no kernel runs to write the scale (torch computes it)."""
+    return all(x.numel() == 0 for x in xs)
 
 
 @qk_norm_rope_cat_fp8.register_fake

@@ -34,7 +34,8 @@ def test_the_worst_case_row_reaches_the_bound_and_no_further(dtype, d, peak_weig
     # At D = 96, bf16 rounds sqrt(D) = 9.798 up to 9.8125: the margin is what keeps that under 448.
     heads = 2
     x = torch.zeros(1, 3, heads, d)
-    x[0, :, :, 6] = torch.tensor([5.0, -0.01, 1e4]).unsqueeze(-1)  # any magnitude normalizes to sqrt(D)
+    # 5 and 1e4 normalize to sqrt(D); -0.01 is small enough for eps to pull it under (6.25 at D = 64)
+    x[0, :, :, 6] = torch.tensor([5.0, -0.01, 1e4]).unsqueeze(-1)
     w = torch.ones(d)
     w[6] = peak_weight
     no_rotation = torch.zeros(3, d // 2, 2)
@@ -76,3 +77,35 @@ def test_the_op_compiles_with_fullgraph():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x))
     torch._dynamo.reset()
+
+
+def _streams(seqs, d=16, heads=2, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, s, heads, d, generator=gen) * 2).bfloat16() for s in seqs]
+
+
+@pytest.mark.parametrize("seqs,weighted", [
+    ((3, 9), (True, True)),
+    ((3, 9), (True, False)),   # one stream without a norm weight
+    ((0, 9), (True, True)),    # an empty first stream (the kernel's first launch has no rows)
+    ((5,), (True,)),
+])
+def test_op_passes_torch_library_checks(seqs, weighted):
+    """Schema, fake implementation (shapes and dtypes under compile) and the real one agree."""
+    d = 16
+    gen = torch.Generator().manual_seed(len(seqs))
+    xs = _streams(seqs, d)
+    weights = [(torch.rand(d, generator=gen) * 4 - 2).bfloat16() if has else None for has in weighted]
+    freqs = [_pairs(s, d // 2, seed=s) for s in seqs]
+    args = (xs, weights, [1e-6] * len(seqs), freqs)
+    torch.library.opcheck(qk_norm_rope_cat_fp8, args)
+    codes, scale = qk_norm_rope_cat_fp8(*args)
+    assert codes.shape == (2, sum(seqs), 2, d) and torch.equal(scale, qk_fp8_scale(weights, d))
+
+
+def test_more_norm_weights_than_the_kernel_takes_are_refused_on_every_device():
+    d = 16
+    xs = _streams((2, 3, 4), d)
+    weights = [torch.rand(d).bfloat16() for _ in xs]
+    with pytest.raises(ValueError, match="at most 2 distinct norm weights, got 3"):
+        qk_norm_rope_cat_fp8(xs, weights, [1e-6] * 3, [_pairs(x.shape[1], d // 2) for x in xs])

@@ -42,6 +42,7 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
 @pytest.mark.parametrize("batch,seqs,heads,weighted", [
     (1, (256, 4096), 24, (True, True)),  # Qwen-Image at 1024²
     (2, (7, 333), 3, (True, False)),     # a stream without a norm weight: bound of weight 1
+    (2, (0, 333), 3, (True, True)),      # an empty first stream: the second launch writes the scale
     (2, (4128,), 30, (True,)),           # Z-Image
 ])
 def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
@@ -53,8 +54,9 @@ def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
     d = 128
     gen = torch.Generator(device="cuda").manual_seed(7 + sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
-    weights = [(torch.rand(d, device="cuda", generator=gen) * 2 + 0.5).to(torch.bfloat16) if has else None
-               for has in weighted]
+    # the first stream's weights negative: the bound takes |w|
+    weights = [((torch.rand(d, device="cuda", generator=gen) * 2 + 0.5) * (-1) ** (i + 1)).to(torch.bfloat16)
+               if has else None for i, has in enumerate(weighted)]
     freqs = [torch.view_as_real(_freqs(s, d // 2)) for s in seqs]
     eps = [1e-6] * len(seqs)
     codes, scale = qk_norm_rope_cat_fp8(xs, weights, eps, freqs)
@@ -68,6 +70,21 @@ def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
     wmax = max(w.float().abs().max().item() if w is not None else 1.0 for w in weights)
     assert ((got_v - want_v).abs() <= want_v.abs() / 8 + 2**-9 * scale + (2**-5 + 2**-6) * wmax).all()
     assert ((got_v - want_v).norm() / want_v.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("d,peak_weight", [(64, -2.5), (96, 1.0)])
+def test_fp8_kernel_worst_case_row_stays_within_448(d, peak_weight):
+    """A row with all its mass on the largest |weight| reaches the bound (tests/kernels/test_qk_norm_rope.py)."""
+    x = torch.zeros(1, 3, 2, d, device="cuda")
+    x[0, :, :, 6] = torch.tensor([5.0, -0.01, 1e4], device="cuda").unsqueeze(-1)
+    w = torch.ones(d, device="cuda")
+    w[6] = peak_weight
+    no_rotation = torch.zeros(3, d // 2, 2, device="cuda")
+    no_rotation[..., 0] = 1.0
+    args = ([x.bfloat16()], [w.bfloat16()], [1e-6], [no_rotation])
+    codes, scale = qk_norm_rope_cat_fp8(*args)
+    in_codes = (qk_norm_rope_cat(*args).float() / scale).abs().amax().item()
+    assert 430 < in_codes <= 448 and codes.float().abs().amax().item() <= 448
 
 
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])
