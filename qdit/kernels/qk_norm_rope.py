@@ -15,9 +15,10 @@ scale that needs no pass over the result: after the norm sum(n^2) <= D, so every
 rotated or not, has length <= sqrt(D) * max|w|. That bound (times 1 + 2^-6 for the three roundings
 to x's dtype, each <= 2^-8 relative) maps to 448. It costs nothing in accuracy that matters: E4M3's
 relative step is the same over its whole normal range, and only values below 2^-6 * scale (1/28672 of
-the bound, where codes turn subnormal) round more coarsely. On an H200, for Qwen-Image's q at 1024^2, this kernel takes
-24.4 us per call against 43.0 us for the bf16 kernel plus the compiled amax and rounding passes it
-replaces, with the same rounding error (benchmarks/results/h200-2026-12-04/run3-qk-kernel.txt).
+the bound, where codes turn subnormal) round more coarsely. On an H200, for Qwen-Image's q at 1024^2,
+this kernel takes 24.4 us per call against 43.0 us for the bf16 kernel plus the compiled amax and
+rounding passes it replaces, with the same rounding error
+(benchmarks/results/h200-2026-12-04/run3-qk-kernel.txt).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if triton is not None:
                              stride_ob, stride_os, seq_offset, eps, HALF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, FP8_OUT: tl.constexpr = False, scale_ptr=None,
                              bound_w0_ptr=None, bound_w1_ptr=None, bound_factor=1.0, BOUND_WEIGHTS: tl.constexpr = 0,
-                             BOUND_HAS_ONE: tl.constexpr = False):
+                             BOUND_HAS_ONE: tl.constexpr = False, WRITE_SCALE: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         rmask = rows < ROWS
         h = rows % H
@@ -66,14 +67,14 @@ if triton is not None:
                 wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w0_ptr + offs_d).to(tl.float32)), axis=0))
             if BOUND_WEIGHTS >= 2:
                 wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w1_ptr + offs_d).to(tl.float32)), axis=0))
-            scale = wmax * bound_factor
-            scale = tl.where(scale > 0, scale, 1.0)
+            scale = tl.where(wmax > 0, wmax * bound_factor, 1.0)
             # one IEEE division per program (Triton's `/` on float32 is approximate), then products:
             # codes = e4m3(x * (1 / scale)), as quantize_by_reciprocal computes them
             inv_scale = tl.math.div_rn(1.0, scale)
             out = tl.clamp(out.to(tl.float32) * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
-            if tl.program_id(0) == 0:  # each stream's launch writes it: a stream may have no rows
-                tl.store(scale_ptr, scale)
+            if WRITE_SCALE:
+                if tl.program_id(0) == 0:
+                    tl.store(scale_ptr, scale)
         tl.store(out_ptr + (b * stride_ob + (s + seq_offset) * stride_os + h * 2 * HALF)[:, None] + offs_d[None, :],
                  out, mask=rmask[:, None])
 
@@ -106,7 +107,7 @@ def qk_fp8_scale(weights: list[torch.Tensor | None], head_dim: int) -> torch.Ten
     wmax = torch.stack([w.detach().abs().amax().float() if w is not None else torch.ones((), device=_device(weights))
                         for w in weights]).amax()
     scale = wmax * qk_fp8_bound_factor(head_dim)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).reshape(1, 1, 1, 1)
+    return torch.where(wmax > 0, scale, torch.ones_like(scale)).reshape(1, 1, 1, 1)
 
 
 def quantize_by_reciprocal(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -137,14 +138,18 @@ def _launch(xs, weights, eps, freqs, out, fp8_scale: torch.Tensor | None) -> Non
         fp8 = dict(FP8_OUT=True, scale_ptr=fp8_scale, bound_w0_ptr=bound[0] if bound else None,
                    bound_w1_ptr=bound[1] if len(bound) > 1 else None, bound_factor=qk_fp8_bound_factor(d),
                    BOUND_WEIGHTS=len(bound), BOUND_HAS_ONE=any(w is None for w in weights))
+    # the first launch with rows writes the scale (a launch without rows runs no program)
+    scale_writer = next((i for i, x in enumerate(xs) if x.numel()), None)
     offset = 0
-    for x, w, e, f in zip(xs, weights, eps, freqs):
+    for i, (x, w, e, f) in enumerate(zip(xs, weights, eps, freqs)):
         f = _freqs_bsd2(f, b)
         if x.stride(3) != 1 or x.stride(2) != d or f.stride(3) != 1 or f.stride(2) != 2:
             raise ValueError(f"qk_norm_rope_cat wants heads of contiguous values and contiguous (cos, sin) pairs; "
                              f"got x strides {x.stride()}, freqs strides {f.stride()}")
         rows = b * x.shape[1] * h
         block_rows = 16
+        if fp8:
+            fp8["WRITE_SCALE"] = i == scale_writer
         _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
             x, w, f, out, rows, x.shape[1], h, x.stride(0), x.stride(1), f.stride(0), f.stride(1),
             out.stride(0), out.stride(1), offset, e, HALF=d // 2, HAS_WEIGHT=w is not None,
