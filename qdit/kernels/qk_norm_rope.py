@@ -129,17 +129,10 @@ def _bound_weights(weights: list[torch.Tensor | None]) -> list[torch.Tensor]:
     return bound
 
 
-def _launch(xs, weights, eps, freqs, out, fp8_scale: torch.Tensor | None) -> None:
-    """One kernel per stream, each writing its rows into `out` at its offset along S."""
+def _launch(xs, weights, eps, freqs, out, fp8_args: dict | None = None, scale_writer: int | None = None) -> None:
+    """One kernel per stream, each writing its rows into `out` at its offset along S. FP8 output:
+    fp8_args (qk_norm_rope_cat_fp8's kernel arguments), and the stream whose launch writes the scale."""
     b, _, h, d = xs[0].shape
-    fp8 = {}
-    if fp8_scale is not None:
-        bound = _bound_weights(weights)
-        fp8 = dict(FP8_OUT=True, scale_ptr=fp8_scale, bound_w0_ptr=bound[0] if bound else None,
-                   bound_w1_ptr=bound[1] if len(bound) > 1 else None, bound_factor=qk_fp8_bound_factor(d),
-                   BOUND_WEIGHTS=len(bound), BOUND_HAS_ONE=any(w is None for w in weights))
-    # the first launch with rows writes the scale (a launch without rows runs no program)
-    scale_writer = next((i for i, x in enumerate(xs) if x.numel()), None)
     offset = 0
     for i, (x, w, e, f) in enumerate(zip(xs, weights, eps, freqs)):
         f = _freqs_bsd2(f, b)
@@ -148,8 +141,7 @@ def _launch(xs, weights, eps, freqs, out, fp8_scale: torch.Tensor | None) -> Non
                              f"got x strides {x.stride()}, freqs strides {f.stride()}")
         rows = b * x.shape[1] * h
         block_rows = 16
-        if fp8:
-            fp8["WRITE_SCALE"] = i == scale_writer
+        fp8 = dict(fp8_args, WRITE_SCALE=i == scale_writer) if fp8_args else {}
         _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
             x, w, f, out, rows, x.shape[1], h, x.stride(0), x.stride(1), f.stride(0), f.stride(1),
             out.stride(0), out.stride(1), offset, e, HALF=d // 2, HAS_WEIGHT=w is not None,
@@ -170,7 +162,7 @@ def qk_norm_rope_cat(xs: list[torch.Tensor], weights: list[torch.Tensor | None],
     if not xs[0].is_cuda or triton is None:
         return torch.cat([qk_norm_rope_reference(x, w, e, f) for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
     out = torch.empty(_joint_shape(xs), dtype=xs[0].dtype, device=xs[0].device)
-    _launch(xs, weights, eps, freqs, out, fp8_scale=None)
+    _launch(xs, weights, eps, freqs, out)
     return out
 
 
@@ -185,19 +177,19 @@ def qk_norm_rope_cat_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor | No
     """qk_norm_rope_cat's result as E4M3 codes [B, S, H, D] and their float32 scale [1, 1, 1, 1]
     (qk_fp8_scale of the weights): the codes are e4m3_sat(qk_norm_rope_cat(...) * (1 / scale))."""
     d = xs[0].shape[-1]
-    _bound_weights(weights)  # the same limit on every device
-    if not xs[0].is_cuda or triton is None or _no_rows(xs):
+    bound = _bound_weights(weights)  # the same limit on every device
+    # the first launch with rows writes the scale (a launch without rows runs no program)
+    scale_writer = next((i for i, x in enumerate(xs) if x.numel()), None)
+    if not xs[0].is_cuda or triton is None or scale_writer is None:
         scale = qk_fp8_scale(weights, d)
         return quantize_by_reciprocal(qk_norm_rope_cat(xs, weights, eps, freqs), scale), scale
     out = torch.empty(_joint_shape(xs), dtype=torch.float8_e4m3fn, device=xs[0].device)
     scale = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=xs[0].device)
-    _launch(xs, weights, eps, freqs, out, fp8_scale=scale)
+    fp8_args = dict(FP8_OUT=True, scale_ptr=scale, bound_w0_ptr=bound[0] if bound else None,
+                    bound_w1_ptr=bound[1] if len(bound) > 1 else None, bound_factor=qk_fp8_bound_factor(d),
+                    BOUND_WEIGHTS=len(bound), BOUND_HAS_ONE=any(w is None for w in weights))
+    _launch(xs, weights, eps, freqs, out, fp8_args, scale_writer)
     return out, scale
-
-
-def _no_rows(xs: list[torch.Tensor]) -> bool:
-    """No rows at all: no kernel runs to write the scale (torch computes it)."""
-    return all(x.numel() == 0 for x in xs)
 
 
 @qk_norm_rope_cat_fp8.register_fake
