@@ -61,7 +61,7 @@ def step_ms(model, inputs, adapter, iters: int) -> float:
     return times[len(times) // 2]
 
 
-def _replay_ms(fn, iters: int) -> float:
+def replay_ms(fn, iters: int) -> float:
     """Median time of `fn` captured in one CUDA graph (no host launch overhead)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -88,7 +88,7 @@ def _replay_ms(fn, iters: int) -> float:
 def graphed_step_ms(model, inputs, adapter, iters: int) -> float:
     """The step captured whole in one CUDA graph (static inputs), so host launch overhead is gone."""
     with torch.no_grad():
-        return _replay_ms(lambda: adapter.output_tensor(model(**inputs)), iters)
+        return replay_ms(lambda: adapter.output_tensor(model(**inputs)), iters)
 
 
 def conditioning_linears_ms(model, adapter, batch: int, iters: int) -> tuple[int, float]:
@@ -100,7 +100,7 @@ def conditioning_linears_ms(model, adapter, batch: int, iters: int) -> tuple[int
     dtype = next(model.parameters()).dtype
     inputs = {m.in_features: torch.randn(batch, m.in_features, device="cuda", dtype=dtype) for m in layers}
     with torch.no_grad():
-        return len(layers), _replay_ms(lambda: [m(inputs[m.in_features]) for m in layers], iters)
+        return len(layers), replay_ms(lambda: [m(inputs[m.in_features]) for m in layers], iters)
 
 
 def torchao_fp8(model, adapter) -> None:

@@ -2,13 +2,14 @@
 D=128, batch 1): the fused kernel writing E4M3 with a weight-bound scale (qdit::qk_norm_rope_cat_fp8)
 against the path it replaced, the bf16 kernel followed by a per-tensor amax and a rounding pass (both
 compiled by inductor, as in a compiled block), and the bf16 kernel alone. Time per call from a CUDA
-graph of 50 calls; output written to the file given (default: stdout only).
+graph of 50 calls (median of 20 replays); output written to the file given (default: stdout only).
 Run: python benchmarks/kernels/qk_norm_rope_fp8.py [OUT_FILE]
 """
 import sys
 
 import torch
 
+from qdit.bench import replay_ms
 from qdit.kernels.attention_fp8 import quantize_per_tensor
 from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
 
@@ -35,23 +36,9 @@ def fused_fp8():
     return qk_norm_rope_cat_fp8(xs, weights, eps, freqs)
 
 
-def time_us(fn, calls=50, repeats=20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (calls * repeats) * 1e3
+def time_us(fn, calls=50) -> float:
+    """Per call: `calls` calls captured in one CUDA graph, median of 20 replays (qdit bench's timer)."""
+    return replay_ms(lambda: [fn() for _ in range(calls)], iters=20) / calls * 1e3
 
 
 lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; q of Qwen-Image 1024² "
