@@ -35,7 +35,8 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(x_ptr, w_ptr, f_ptr, out_ptr, ROWS, S, H, stride_xb, stride_xs, stride_fb, stride_fs,
-                             stride_ob, stride_os, seq_offset, eps, HALF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             stride_ob, stride_os, seq_offset, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             HAS_WEIGHT: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, FP8_OUT: tl.constexpr = False, scale_ptr=None,
                              bound_w0_ptr=None, bound_w1_ptr=None, bound_factor=1.0, BOUND_WEIGHTS: tl.constexpr = 0,
                              BOUND_HAS_ONE: tl.constexpr = False, WRITE_SCALE: tl.constexpr = False):
@@ -44,29 +45,33 @@ if triton is not None:
         h = rows % H
         s = (rows // H) % S
         b = rows // (H * S)
-        offs_d = tl.arange(0, 2 * HALF)
+        # Triton's ranges are powers of two: a head of D = 2 * HALF values is padded to 2 * BLOCK_HALF
+        offs_d = tl.arange(0, 2 * BLOCK_HALF)
+        dmask = offs_d < 2 * HALF
         x = tl.load(x_ptr + (b * stride_xb + s * stride_xs + h * 2 * HALF)[:, None] + offs_d[None, :],
-                    mask=rmask[:, None], other=0.0)
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
         dtype = x.dtype
         xf = x.to(tl.float32)
         inv = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / (2 * HALF) + eps)
         y = (xf * inv[:, None]).to(dtype)
         if HAS_WEIGHT:
-            y = (y.to(tl.float32) * tl.load(w_ptr + offs_d).to(tl.float32)[None, :]).to(dtype)
-        re, im = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_ROWS, HALF, 2)))
-        offs_f = (b * stride_fb + s * stride_fs)[:, None] + 2 * tl.arange(0, HALF)[None, :]
-        cos = tl.load(f_ptr + offs_f, mask=rmask[:, None], other=0.0)
-        sin = tl.load(f_ptr + offs_f + 1, mask=rmask[:, None], other=0.0)
-        out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), (BLOCK_ROWS, 2 * HALF)).to(dtype)
+            y = (y.to(tl.float32) * tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]).to(dtype)
+        re, im = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_ROWS, BLOCK_HALF, 2)))
+        offs_pair = tl.arange(0, BLOCK_HALF)
+        offs_f = (b * stride_fb + s * stride_fs)[:, None] + 2 * offs_pair[None, :]
+        fmask = rmask[:, None] & (offs_pair < HALF)[None, :]
+        cos = tl.load(f_ptr + offs_f, mask=fmask, other=0.0)
+        sin = tl.load(f_ptr + offs_f + 1, mask=fmask, other=0.0)
+        out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), (BLOCK_ROWS, 2 * BLOCK_HALF)).to(dtype)
         if FP8_OUT:
             # every program derives the same scale from the norm weights of all streams (qk_fp8_scale)
             wmax = tl.full((), 0.0, tl.float32)
             if BOUND_HAS_ONE:  # a stream without a weight: its bound is that of weight 1
                 wmax = tl.full((), 1.0, tl.float32)
             if BOUND_WEIGHTS >= 1:
-                wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w0_ptr + offs_d).to(tl.float32)), axis=0))
+                wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w0_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)), axis=0))
             if BOUND_WEIGHTS >= 2:
-                wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w1_ptr + offs_d).to(tl.float32)), axis=0))
+                wmax = tl.maximum(wmax, tl.max(tl.abs(tl.load(bound_w1_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)), axis=0))
             scale = tl.where(wmax > 0, wmax * bound_factor, 1.0)
             # one IEEE division per program (Triton's `/` on float32 is approximate), then products:
             # codes = e4m3(x * (1 / scale)), as quantize_by_reciprocal computes them
@@ -76,7 +81,7 @@ if triton is not None:
                 if tl.program_id(0) == 0:
                     tl.store(scale_ptr, scale)
         tl.store(out_ptr + (b * stride_ob + (s + seq_offset) * stride_os + h * 2 * HALF)[:, None] + offs_d[None, :],
-                 out, mask=rmask[:, None])
+                 out, mask=rmask[:, None] & dmask[None, :])
 
 
 def _freqs_bsd2(freqs: torch.Tensor, batch: int) -> torch.Tensor:
@@ -144,7 +149,8 @@ def _launch(xs, weights, eps, freqs, out, fp8_args: dict | None = None, scale_wr
         fp8 = dict(fp8_args, WRITE_SCALE=i == scale_writer) if fp8_args else {}
         _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
             x, w, f, out, rows, x.shape[1], h, x.stride(0), x.stride(1), f.stride(0), f.stride(1),
-            out.stride(0), out.stride(1), offset, e, HALF=d // 2, HAS_WEIGHT=w is not None,
+            out.stride(0), out.stride(1), offset, e, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
+            HAS_WEIGHT=w is not None,
             BLOCK_ROWS=block_rows, num_warps=4, enable_fp_fusion=False, **fp8)
         offset += x.shape[1]
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from qdit.models.base import ModelAdapter
+from qdit.models.rotary import FluxAttention
 
 # ModelOpt's FLUX example keeps these in BF16: embedders, modulation of the output norm, the output
 # projection and each single block's fused attention-out + MLP-down projection.
@@ -62,4 +63,5 @@ ADAPTER = ModelAdapter(
     bench_text_tokens=512,  # FluxPipeline's max_sequence_length
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     conditioning_linears=r"^((single_)?transformer_blocks\.\d+\.(norm1|norm1_context|norm)\.linear|norm_out\.linear)$",
+    attention_processor=FluxAttention,
 )

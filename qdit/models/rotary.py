@@ -1,12 +1,15 @@
-"""Attention processors for Qwen-Image and Z-Image that compile well, and rotary embeddings in real
-arithmetic.
+"""Attention processors for Qwen-Image, Z-Image and FLUX that compile well, and rotary embeddings in
+real arithmetic.
 
-diffusers' processors rotate queries and keys by a complex multiply, which inductor cannot generate
-code for: each rotation stayed a separate ATen kernel, and norm, rotation and the text+image concat
-wrote and re-read float32 copies of q and k. These processors compute the same thing with
-qdit::qk_norm_rope_cat (one pass per q or k on CUDA, qdit.kernels.qk_norm_rope) and call diffusers'
-attention dispatch as diffusers does. They are installed per model instance through diffusers'
-set_processor; diffusers' classes are not modified.
+diffusers' Qwen-Image and Z-Image processors rotate queries and keys by a complex multiply, which
+inductor cannot generate code for: each rotation stayed a separate ATen kernel, and norm, rotation and
+the text+image concat wrote and re-read float32 copies of q and k (FLUX's processor rotates in real
+arithmetic, but its norm, rotation and concat are separate passes too). These processors compute the
+same thing with qdit::qk_norm_rope_cat (one pass per q or k on CUDA, qdit.kernels.qk_norm_rope), can
+run attention in FP8, and call diffusers' attention dispatch as diffusers does. They are installed per
+model instance through diffusers' set_processor; diffusers' classes are not modified.
+
+Rotations are passed as float32 (cos, sin) pairs [S, D/2, 2] (shared by the batch) or [B, S, D/2, 2].
 """
 
 from __future__ import annotations
@@ -40,32 +43,31 @@ def rotate_by_cos_sin(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def normalize_rotate_concat(streams: list[torch.Tensor], norms: list, freqs: list[torch.Tensor] | None) -> torch.Tensor:
+def normalize_rotate_concat(streams: list[torch.Tensor], norms: list, pairs: list[torch.Tensor] | None) -> torch.Tensor:
     """Queries or keys of the streams ([B, S_i, H, D] each): each through its QK norm, rotated by its
-    freqs, concatenated along the sequence. With RMSNorms (what the published models use) this is one
-    op, qdit::qk_norm_rope_cat, fused on CUDA; any other norm takes diffusers' modules and rotate_pairs."""
-    if _fused(norms, freqs):
-        return qk_norm_rope_cat(streams, [n.weight for n in norms], [float(n.eps) for n in norms],
-                                [torch.view_as_real(f) for f in freqs])
+    (cos, sin) pairs, concatenated along the sequence. With RMSNorms (what the published models use)
+    this is one op, qdit::qk_norm_rope_cat, fused on CUDA; any other norm takes diffusers' modules and
+    rotate_by_cos_sin."""
+    if _fused(norms, pairs):
+        return qk_norm_rope_cat(streams, [n.weight for n in norms], [float(n.eps) for n in norms], pairs)
     streams = [n(x) if n is not None else x for x, n in zip(streams, norms)]
-    if freqs is not None:
-        streams = [rotate_pairs(x, f, head_axis=1 if f.dim() == 2 else 2) for x, f in zip(streams, freqs)]
+    if pairs is not None:
+        streams = [rotate_by_cos_sin(x, p.unsqueeze(1 if p.dim() == 3 else 2)) for x, p in zip(streams, pairs)]
     return torch.cat(streams, dim=1) if len(streams) > 1 else streams[0]
 
 
 def normalize_rotate_concat_fp8(streams: list[torch.Tensor], norms: list,
-                                freqs: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                                pairs: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """normalize_rotate_concat as E4M3 codes and their per-tensor scale, for FP8 attention. With RMSNorms
     the fused op writes the codes directly, its scale fixed by the norm weights (no amax pass); other
     norms take the unfused result and its amax."""
-    if _fused(norms, freqs):
-        return qk_norm_rope_cat_fp8(streams, [n.weight for n in norms], [float(n.eps) for n in norms],
-                                    [torch.view_as_real(f) for f in freqs])
-    return quantize_per_tensor(normalize_rotate_concat(streams, norms, freqs).contiguous())
+    if _fused(norms, pairs):
+        return qk_norm_rope_cat_fp8(streams, [n.weight for n in norms], [float(n.eps) for n in norms], pairs)
+    return quantize_per_tensor(normalize_rotate_concat(streams, norms, pairs).contiguous())
 
 
-def _fused(norms: list, freqs: list[torch.Tensor] | None) -> bool:
-    return freqs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms)
+def _fused(norms: list, pairs: list[torch.Tensor] | None) -> bool:
+    return pairs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms)
 
 
 class _DispatchedAttention:
@@ -82,15 +84,15 @@ class _DispatchedAttention:
                         "attention; cuDNN's FP8 kernel takes no key mask here")
 
     def _attend(self, q_streams: list[torch.Tensor], k_streams: list[torch.Tensor], q_norms: list, k_norms: list,
-                freqs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of the streams' queries and keys (each through its norm and rotary, concatenated
-        along S) over v [B, S, H, D]; returns [B, S, H * D] in v's dtype."""
+                pairs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the streams' queries and keys (each through its norm and rotated by its (cos, sin)
+        pairs, concatenated along S) over v [B, S, H, D]; returns [B, S, H * D] in v's dtype."""
         if self.fp8 and mask is None:
-            q8, scale_q = normalize_rotate_concat_fp8(q_streams, q_norms, freqs)
-            k8, scale_k = normalize_rotate_concat_fp8(k_streams, k_norms, freqs)
+            q8, scale_q = normalize_rotate_concat_fp8(q_streams, q_norms, pairs)
+            k8, scale_k = normalize_rotate_concat_fp8(k_streams, k_norms, pairs)
             return fp8_attention_of_codes(q8, scale_q, k8, scale_k, v).flatten(2, 3)
-        q = normalize_rotate_concat(q_streams, q_norms, freqs)
-        k = normalize_rotate_concat(k_streams, k_norms, freqs)
+        q = normalize_rotate_concat(q_streams, q_norms, pairs)
+        k = normalize_rotate_concat(k_streams, k_norms, pairs)
         out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         return out.flatten(2, 3).to(v.dtype)
@@ -110,17 +112,17 @@ class QwenImageJointAttention(_DispatchedAttention):
         txt = [proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
         img = [proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
-        freqs = None
+        pairs = None
         if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            freqs = [txt_freqs, img_freqs]
+            img_freqs, txt_freqs = image_rotary_emb  # complex [S, D/2]; view_as_real is a view, no kernel
+            pairs = [torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)]
         v = torch.cat([txt[2], img[2]], dim=1)
         mask = None
         if encoder_hidden_states_mask is not None:
             image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
         joint = self._attend([txt[0], img[0]], [txt[1], img[1]], [attn.norm_added_q, attn.norm_q],
-                             [attn.norm_added_k, attn.norm_k], freqs, v, mask)
+                             [attn.norm_added_k, attn.norm_k], pairs, v, mask)
         seq_txt = encoder_hidden_states.shape[1]
         img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
         if len(attn.to_out) > 1:
@@ -135,10 +137,52 @@ class ZImageAttention(_DispatchedAttention):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        freqs = None if freqs_cis is None else [freqs_cis]
+        pairs = None if freqs_cis is None else [torch.view_as_real(freqs_cis)]
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        out = attn.to_out[0](self._attend([q], [k], [attn.norm_q], [attn.norm_k], freqs, v, attention_mask))
+        out = attn.to_out[0](self._attend([q], [k], [attn.norm_q], [attn.norm_k], pairs, v, attention_mask))
         if len(attn.to_out) > 1:
             out = attn.to_out[1](out)  # dropout
         return out
+
+
+class FluxAttention(_DispatchedAttention):
+    """FLUX.1's attention (diffusers' FluxAttnProcessor semantics). Double-stream blocks pass the text
+    stream: attention over [text, image], each part through its output projection. Single-stream blocks
+    pass the joint sequence alone and get the attention back unprojected."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        q, k, v = _flux_projections(attn, hidden_states, attn.to_qkv if attn.fused_projections else None,
+                                    (attn.to_q, attn.to_k, attn.to_v))
+        joint_text = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        q_streams, k_streams, q_norms, k_norms = [q], [k], [attn.norm_q], [attn.norm_k]
+        if joint_text:
+            tq, tk, tv = _flux_projections(attn, encoder_hidden_states,
+                                           attn.to_added_qkv if attn.fused_projections else None,
+                                           (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            q_streams, k_streams = [tq, q], [tk, k]
+            q_norms, k_norms = [attn.norm_added_q, attn.norm_q], [attn.norm_added_k, attn.norm_k]
+            v = torch.cat([tv, v], dim=1)
+        pairs = None
+        if image_rotary_emb is not None:
+            # FluxPosEmbed's cos and sin [S, D] repeat each pair's value twice (repeat_interleave_real)
+            cos, sin = image_rotary_emb
+            joint_pairs = torch.stack((cos[:, 0::2], sin[:, 0::2]), dim=-1).float()
+            pairs = [joint_pairs]
+            if joint_text:
+                seq_txt = encoder_hidden_states.shape[1]
+                pairs = [joint_pairs[:seq_txt], joint_pairs[seq_txt:]]
+        joint = self._attend(q_streams, k_streams, q_norms, k_norms, pairs, v, attention_mask)
+        if not joint_text:
+            return joint
+        seq_txt = encoder_hidden_states.shape[1]
+        img_out = attn.to_out[1](attn.to_out[0](joint[:, seq_txt:].contiguous()))  # projection, dropout
+        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+
+
+def _flux_projections(attn, x: torch.Tensor, fused, separate) -> list[torch.Tensor]:
+    """q, k, v [B, S, H, D] of one stream, from the fused QKV Linear when diffusers fused them."""
+    qkv = fused(x).chunk(3, dim=-1) if fused is not None else [proj(x) for proj in separate]
+    return [t.unflatten(-1, (-1, attn.head_dim)) for t in qkv]

@@ -1,6 +1,7 @@
 """FP8 attention (qdit.kernels.attention_fp8): its reference math, the processors that use it, and the
 refusals. CPU; cuDNN's kernel against this reference is in test_attention_fp8_gpu.py."""
 
+import dataclasses
 import logging
 import math
 
@@ -98,7 +99,7 @@ def _model_outputs(model, attention, mask=False, compile_block=False):
     return out
 
 
-@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("model", ["qwen-image", "z-image", "flux"])
 def test_models_with_fp8_attention_stay_close_to_bf16_attention(model, caplog):
     with caplog.at_level(logging.WARNING, logger="qdit"):
         fp8 = _model_outputs(model, "fp8")
@@ -118,8 +119,9 @@ def test_masked_calls_use_bf16_attention_and_say_so(caplog):
 
 
 def test_models_without_a_qdit_processor_and_unknown_choices_are_refused():
+    no_processor = dataclasses.replace(adapter_by_name("flux"), attention_processor=None)
     with pytest.raises(QditError, match="not available for FluxTransformer2DModel"):
-        random_transformer("flux", attention="fp8")
+        no_processor.install_compile_friendly_modules(random_transformer("flux"), attention="fp8")
     with pytest.raises(QditError, match="attention='fp16' is not one of"):
         random_transformer("qwen-image", attention="fp16")
     with pytest.raises(QditError, match="attention='fp16'"):

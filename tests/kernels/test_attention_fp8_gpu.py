@@ -45,7 +45,7 @@ def test_cudnn_kernel_matches_the_reference(batch, seq_q, seq_kv, heads, sharpne
     assert _rel(fp8_attention(q, k, v), exact) < 0.12
 
 
-@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("model", ["qwen-image", "z-image", "flux"])
 def test_models_with_fp8_attention_eager_compiled_and_graphed(model):
     from qdit.api import random_transformer
     from qdit.models import adapter_by_name

@@ -15,17 +15,17 @@ def _freqs(*shape):
     return torch.polar(torch.ones(*shape, device="cuda"), torch.rand(*shape, device="cuda") * 50)
 
 
-@pytest.mark.parametrize("batch,seqs,heads,shared_freqs", [
-    (1, (256, 4096), 24, True),   # Qwen-Image at 1024²: [text, image], freqs [S, D/2]
-    (2, (7, 333), 3, True),
-    (2, (4128,), 30, False),      # Z-Image: one stream, freqs [B, S, D/2]
+@pytest.mark.parametrize("batch,seqs,heads,shared_freqs,d", [
+    (1, (256, 4096), 24, True, 128),   # Qwen-Image at 1024²: [text, image], freqs [S, D/2]
+    (2, (7, 333), 3, True, 128),
+    (2, (7, 333), 3, True, 96),        # a head size that is not a power of two (padded in the kernel)
+    (2, (4128,), 30, False, 128),      # Z-Image: one stream, freqs [B, S, D/2]
 ])
-def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs):
+def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs, d):
     """Only the last bits of the variance (summation order) and of rsqrt may differ from torch's. That can
     move a normalized value (up to about 7 here) by one bf16 step, which the rotation carries into both
     outputs of the pair whatever their size: at most one step of the largest values (2**-5) plus the
     output's own rounding (2**-6)."""
-    d = 128
     gen = torch.Generator(device="cuda").manual_seed(sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
     weights = [(torch.rand(d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16) for _ in seqs]
@@ -87,7 +87,7 @@ def test_fp8_kernel_worst_case_row_stays_within_448(d, peak_weight):
     assert 430 < in_codes <= 448 and codes.float().abs().amax().item() <= 448
 
 
-@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("model", ["qwen-image", "z-image", "flux"])
 def test_model_with_the_kernel_matches_diffusers_processors(model):
     from qdit.api import random_transformer
     from qdit.models import adapter_by_name

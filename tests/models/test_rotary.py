@@ -6,7 +6,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from qdit.api import random_transformer
 from qdit.models import adapter_by_name
-from qdit.models.rotary import QwenImageJointAttention, ZImageAttention, rotate_pairs
+from qdit.models.rotary import FluxAttention, QwenImageJointAttention, ZImageAttention, rotate_pairs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -42,6 +42,7 @@ def _processor_types(transformer) -> set[type]:
     ("qwen-image", QwenImageJointAttention, False),
     ("qwen-image", QwenImageJointAttention, True),
     ("z-image", ZImageAttention, False),
+    ("flux", FluxAttention, False),  # double- and single-stream blocks
 ])
 def test_model_output_is_the_same_as_with_diffusers_processors(model, processor, text_mask):
     ours, out = _outputs(model, diffusers_modules=False, text_mask=text_mask)
