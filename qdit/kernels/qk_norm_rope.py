@@ -9,6 +9,8 @@ the bf16 result into its place in the joint tensor. Off CUDA the op runs the sam
 Math, per row x (one token, one head, D values), as diffusers' RMSNorm then its complex rotation:
   n = round(x * rsqrt(mean(x^2) + eps));  y = round(n * w)  (round: to x's dtype)
   (y[2i], y[2i+1]) rotated by (cos_i, sin_i), in float32, rounded once.
+torch.nn.RMSNorm (FLUX's QK norms) rounds once: y = round(x * rsqrt(mean(x^2) + eps) * w); the ops take
+round_before_weight=False for it.
 
 For FP8 attention the same kernel writes E4M3 codes instead (qk_norm_rope_cat_fp8), with a per-tensor
 scale that needs no pass over the result: after the norm sum(n^2) <= D, so every pair (y[2i], y[2i+1]),
@@ -36,7 +38,7 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_kernel(x_ptr, w_ptr, f_ptr, out_ptr, ROWS, S, H, stride_xb, stride_xs, stride_fb, stride_fs,
                              stride_ob, stride_os, seq_offset, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             HAS_WEIGHT: tl.constexpr,
+                             HAS_WEIGHT: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, FP8_OUT: tl.constexpr = False, scale_ptr=None,
                              bound_w0_ptr=None, bound_w1_ptr=None, bound_factor=1.0, BOUND_WEIGHTS: tl.constexpr = 0,
                              BOUND_HAS_ONE: tl.constexpr = False, WRITE_SCALE: tl.constexpr = False):
@@ -53,10 +55,12 @@ if triton is not None:
         dtype = x.dtype
         xf = x.to(tl.float32)
         inv = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / (2 * HALF) + eps)
-        y = (xf * inv[:, None]).to(dtype)
+        y = xf * inv[:, None]
+        if ROUND_BEFORE_WEIGHT or not HAS_WEIGHT:
+            y = y.to(dtype).to(tl.float32)
         if HAS_WEIGHT:
-            y = (y.to(tl.float32) * tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]).to(dtype)
-        re, im = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_ROWS, BLOCK_HALF, 2)))
+            y = (y * tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+        re, im = tl.split(tl.reshape(y, (BLOCK_ROWS, BLOCK_HALF, 2)))
         offs_pair = tl.arange(0, BLOCK_HALF)
         offs_f = (b * stride_fb + s * stride_fs)[:, None] + 2 * offs_pair[None, :]
         fmask = rmask[:, None] & (offs_pair < HALF)[None, :]
@@ -89,15 +93,20 @@ def _freqs_bsd2(freqs: torch.Tensor, batch: int) -> torch.Tensor:
     return freqs.unsqueeze(0).expand(batch, *freqs.shape) if freqs.dim() == 3 else freqs
 
 
-def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D] through diffusers' RMSNorm arithmetic (eager), then rotated by freqs, float32
-    (cos, sin) pairs [S, D/2, 2] or [B, S, D/2, 2] (qdit.models.rotary)."""
+def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, freqs: torch.Tensor,
+                           round_before_weight: bool = True) -> torch.Tensor:
+    """x [B, S, H, D] through diffusers' RMSNorm arithmetic (eager; round_before_weight=False: torch's
+    RMSNorm), then rotated by freqs, float32 (cos, sin) pairs [S, D/2, 2] or [B, S, D/2, 2]
+    (qdit.models.rotary)."""
     from qdit.models.rotary import rotate_by_cos_sin
 
     variance = x.float().pow(2).mean(-1, keepdim=True)
-    y = (x * torch.rsqrt(variance + eps)).to(x.dtype)
-    if weight is not None:
-        y = y * weight.to(x.dtype)
+    if round_before_weight or weight is None:
+        y = (x * torch.rsqrt(variance + eps)).to(x.dtype)
+        if weight is not None:
+            y = y * weight.to(x.dtype)
+    else:
+        y = (x.float() * torch.rsqrt(variance + eps) * weight.float()).to(x.dtype)
     return rotate_by_cos_sin(y, _freqs_bsd2(freqs, x.shape[0]).unsqueeze(2))
 
 
@@ -134,7 +143,8 @@ def _bound_weights(weights: list[torch.Tensor | None]) -> list[torch.Tensor]:
     return bound
 
 
-def _launch(xs, weights, eps, freqs, out, fp8_args: dict | None = None, scale_writer: int | None = None) -> None:
+def _launch(xs, weights, eps, freqs, out, round_before_weight: bool, fp8_args: dict | None = None,
+            scale_writer: int | None = None) -> None:
     """One kernel per stream, each writing its rows into `out` at its offset along S. FP8 output:
     fp8_args (qk_norm_rope_cat_fp8's kernel arguments), and the stream whose launch writes the scale."""
     b, _, h, d = xs[0].shape
@@ -150,7 +160,7 @@ def _launch(xs, weights, eps, freqs, out, fp8_args: dict | None = None, scale_wr
         _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
             x, w, f, out, rows, x.shape[1], h, x.stride(0), x.stride(1), f.stride(0), f.stride(1),
             out.stride(0), out.stride(1), offset, e, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
-            HAS_WEIGHT=w is not None,
+            HAS_WEIGHT=w is not None, ROUND_BEFORE_WEIGHT=round_before_weight,
             BLOCK_ROWS=block_rows, num_warps=4, enable_fp_fusion=False, **fp8)
         offset += x.shape[1]
 
@@ -162,24 +172,26 @@ def _joint_shape(xs: list[torch.Tensor]) -> tuple[int, int, int, int]:
 
 @torch.library.custom_op("qdit::qk_norm_rope_cat", mutates_args=())
 def qk_norm_rope_cat(xs: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
-                     freqs: list[torch.Tensor]) -> torch.Tensor:
+                     freqs: list[torch.Tensor], round_before_weight: bool = True) -> torch.Tensor:
     """Streams xs[i] [B, S_i, H, D] normalized with (weights[i], eps[i]), rotated by freqs[i] (float32 (cos,
-    sin) pairs [S_i, D/2, 2] or [B, S_i, D/2, 2]), concatenated along S."""
+    sin) pairs [S_i, D/2, 2] or [B, S_i, D/2, 2]), concatenated along S. round_before_weight: diffusers'
+    RMSNorm rounding (True) or torch's (False), module docstring."""
     if not xs[0].is_cuda or triton is None:
-        return torch.cat([qk_norm_rope_reference(x, w, e, f) for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
+        return torch.cat([qk_norm_rope_reference(x, w, e, f, round_before_weight)
+                          for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
     out = torch.empty(_joint_shape(xs), dtype=xs[0].dtype, device=xs[0].device)
-    _launch(xs, weights, eps, freqs, out)
+    _launch(xs, weights, eps, freqs, out, round_before_weight)
     return out
 
 
 @qk_norm_rope_cat.register_fake
-def _(xs, weights, eps, freqs):
+def _(xs, weights, eps, freqs, round_before_weight=True):
     return xs[0].new_empty(_joint_shape(xs))
 
 
 @torch.library.custom_op("qdit::qk_norm_rope_cat_fp8", mutates_args=())
 def qk_norm_rope_cat_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
-                         freqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                         freqs: list[torch.Tensor], round_before_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """qk_norm_rope_cat's result as E4M3 codes [B, S, H, D] and their float32 scale [1, 1, 1, 1]
     (qk_fp8_scale of the weights): the codes are e4m3_sat(qk_norm_rope_cat(...) * (1 / scale))."""
     d = xs[0].shape[-1]
@@ -188,17 +200,17 @@ def qk_norm_rope_cat_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor | No
     scale_writer = next((i for i, x in enumerate(xs) if x.numel()), None)
     if not xs[0].is_cuda or triton is None or scale_writer is None:
         scale = qk_fp8_scale(weights, d)
-        return quantize_by_reciprocal(qk_norm_rope_cat(xs, weights, eps, freqs), scale), scale
+        return quantize_by_reciprocal(qk_norm_rope_cat(xs, weights, eps, freqs, round_before_weight), scale), scale
     out = torch.empty(_joint_shape(xs), dtype=torch.float8_e4m3fn, device=xs[0].device)
     scale = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=xs[0].device)
     fp8_args = dict(FP8_OUT=True, scale_ptr=scale, bound_w0_ptr=bound[0] if bound else None,
                     bound_w1_ptr=bound[1] if len(bound) > 1 else None, bound_factor=qk_fp8_bound_factor(d),
                     BOUND_WEIGHTS=len(bound), BOUND_HAS_ONE=any(w is None for w in weights))
-    _launch(xs, weights, eps, freqs, out, fp8_args, scale_writer)
+    _launch(xs, weights, eps, freqs, out, round_before_weight, fp8_args, scale_writer)
     return out, scale
 
 
 @qk_norm_rope_cat_fp8.register_fake
-def _(xs, weights, eps, freqs):
+def _(xs, weights, eps, freqs, round_before_weight=True):
     return (xs[0].new_empty(_joint_shape(xs), dtype=torch.float8_e4m3fn),
             xs[0].new_empty((1, 1, 1, 1), dtype=torch.float32))

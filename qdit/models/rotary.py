@@ -49,7 +49,8 @@ def normalize_rotate_concat(streams: list[torch.Tensor], norms: list, pairs: lis
     this is one op, qdit::qk_norm_rope_cat, fused on CUDA; any other norm takes diffusers' modules and
     rotate_by_cos_sin."""
     if _fused(norms, pairs):
-        return qk_norm_rope_cat(streams, [n.weight for n in norms], [float(n.eps) for n in norms], pairs)
+        return qk_norm_rope_cat(streams, *_norm_arguments(streams, norms), pairs,
+                                round_before_weight=_rounds_before_weight(norms))
     streams = [n(x) if n is not None else x for x, n in zip(streams, norms)]
     if pairs is not None:
         streams = [rotate_by_cos_sin(x, p.unsqueeze(1 if p.dim() == 3 else 2)) for x, p in zip(streams, pairs)]
@@ -62,12 +63,28 @@ def normalize_rotate_concat_fp8(streams: list[torch.Tensor], norms: list,
     the fused op writes the codes directly, its scale fixed by the norm weights (no amax pass); other
     norms take the unfused result and its amax."""
     if _fused(norms, pairs):
-        return qk_norm_rope_cat_fp8(streams, [n.weight for n in norms], [float(n.eps) for n in norms], pairs)
+        return qk_norm_rope_cat_fp8(streams, *_norm_arguments(streams, norms), pairs,
+                                    round_before_weight=_rounds_before_weight(norms))
     return quantize_per_tensor(normalize_rotate_concat(streams, norms, pairs).contiguous())
 
 
 def _fused(norms: list, pairs: list[torch.Tensor] | None) -> bool:
-    return pairs is not None and all(isinstance(n, RMSNorm) and n.bias is None for n in norms)
+    """The fused op computes RMSNorms without a bias, all of diffusers' class or all of torch's (the two
+    round differently: qdit.kernels.qk_norm_rope)."""
+    if pairs is None:
+        return False
+    return (all(isinstance(n, RMSNorm) and n.bias is None for n in norms)
+            or all(isinstance(n, torch.nn.RMSNorm) for n in norms))
+
+
+def _rounds_before_weight(norms: list) -> bool:
+    return not isinstance(norms[0], torch.nn.RMSNorm)
+
+
+def _norm_arguments(streams: list[torch.Tensor], norms: list) -> tuple[list, list[float]]:
+    """(weights, eps) of the norms; torch's RMSNorm with eps=None uses its input dtype's epsilon."""
+    eps = [float(n.eps) if n.eps is not None else torch.finfo(x.dtype).eps for x, n in zip(streams, norms)]
+    return [n.weight for n in norms], eps
 
 
 class _DispatchedAttention:

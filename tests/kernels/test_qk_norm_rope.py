@@ -109,3 +109,28 @@ def test_more_norm_weights_than_the_kernel_takes_are_refused_on_every_device():
     weights = [torch.rand(d).bfloat16() for _ in xs]
     with pytest.raises(ValueError, match="at most 2 distinct norm weights, got 3"):
         qk_norm_rope_cat_fp8(xs, weights, [1e-6] * 3, [_pairs(x.shape[1], d // 2) for x in xs])
+
+
+@pytest.mark.parametrize("round_before_weight", [True, False])
+def test_reference_rounds_as_diffusers_or_torch_rmsnorm(round_before_weight):
+    """diffusers' RMSNorm rounds the normalized row before the weight, torch's RMSNorm (FLUX) once after
+    it; in bf16 the two differ in many elements, so each mode must equal its own module bit for bit."""
+    from diffusers.models.normalization import RMSNorm
+
+    from qdit.kernels.qk_norm_rope import qk_norm_rope_reference
+
+    d = 64
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 9, 3, d, generator=gen) * 3).bfloat16()
+    w = (torch.rand(d, generator=gen) + 0.5).bfloat16()
+    module = RMSNorm(d, eps=1e-6) if round_before_weight else torch.nn.RMSNorm(d, eps=1e-6)
+    module = module.bfloat16()
+    with torch.no_grad():
+        module.weight.copy_(w)
+        normalized = module(x)
+    no_rotation = torch.zeros(9, d // 2, 2)
+    no_rotation[..., 0] = 1.0
+    got = qk_norm_rope_reference(x, w, 1e-6, no_rotation, round_before_weight)
+    other = qk_norm_rope_reference(x, w, 1e-6, no_rotation, not round_before_weight)
+    assert torch.equal(got, normalized)
+    assert (other != normalized).float().mean().item() > 0.05

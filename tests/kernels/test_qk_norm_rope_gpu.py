@@ -15,13 +15,14 @@ def _freqs(*shape):
     return torch.polar(torch.ones(*shape, device="cuda"), torch.rand(*shape, device="cuda") * 50)
 
 
-@pytest.mark.parametrize("batch,seqs,heads,shared_freqs,d", [
-    (1, (256, 4096), 24, True, 128),   # Qwen-Image at 1024²: [text, image], freqs [S, D/2]
-    (2, (7, 333), 3, True, 128),
-    (2, (7, 333), 3, True, 96),        # a head size that is not a power of two (padded in the kernel)
-    (2, (4128,), 30, False, 128),      # Z-Image: one stream, freqs [B, S, D/2]
+@pytest.mark.parametrize("batch,seqs,heads,shared_freqs,d,round_before_weight", [
+    (1, (256, 4096), 24, True, 128, True),   # Qwen-Image at 1024²: [text, image], freqs [S, D/2]
+    (2, (7, 333), 3, True, 128, True),
+    (2, (7, 333), 3, True, 96, True),        # a head size that is not a power of two (padded in the kernel)
+    (2, (4128,), 30, False, 128, True),      # Z-Image: one stream, freqs [B, S, D/2]
+    (1, (512, 4096), 24, True, 128, False),  # FLUX: torch.nn.RMSNorm's rounding
 ])
-def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs, d):
+def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs, d, round_before_weight):
     """Only the last bits of the variance (summation order) and of rsqrt may differ from torch's. That can
     move a normalized value (up to about 7 here) by one bf16 step, which the rotation carries into both
     outputs of the pair whatever their size: at most one step of the largest values (2**-5) plus the
@@ -30,8 +31,9 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs, d):
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
     weights = [(torch.rand(d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16) for _ in seqs]
     freqs = [torch.view_as_real(_freqs(s, d // 2) if shared_freqs else _freqs(batch, s, d // 2)) for s in seqs]
-    got = qk_norm_rope_cat(xs, weights, [1e-6] * len(seqs), freqs)
-    want = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f) for x, w, f in zip(xs, weights, freqs)], dim=1)
+    got = qk_norm_rope_cat(xs, weights, [1e-6] * len(seqs), freqs, round_before_weight)
+    want = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f, round_before_weight)
+                      for x, w, f in zip(xs, weights, freqs)], dim=1)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     differ = got != want
     assert differ.float().mean().item() < 0.02
