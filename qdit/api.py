@@ -27,7 +27,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
         checkpoint runs in BF16); "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4" or "nvfp4_svd"
         quantizes a BF16 checkpoint while it loads.
     backend: force a kernel backend by name (default: the best one for the device, per layer).
-    attention: "bf16" (diffusers' attention) or "fp8" (cuDNN's FP8 attention: Qwen-Image, Z-Image).
+    attention: "bf16" (diffusers' attention) or "fp8" (cuDNN's FP8 attention: Qwen-Image, Z-Image, FLUX).
     """
     device = torch.device(device)
     ckpt = open_checkpoint(path)

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-fp8", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
     p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
-                   help="fp8: cuDNN's FP8 attention (Hopper/Blackwell; Qwen-Image and Z-Image)")
+                   help="fp8: cuDNN's FP8 attention (Hopper/Blackwell; Qwen-Image, Z-Image and FLUX)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the transformer's forward from CUDA graphs (GPU): no per-kernel launch cost")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

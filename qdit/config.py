@@ -32,7 +32,7 @@ class QditConfig:
     vae_fp8: bool = False  # store VAE Linear/Conv weights in FP8
     compile: bool = False  # torch.compile each repeated transformer block (fullgraph)
     cuda_graph: bool = False  # replay the transformer's forward from CUDA graphs (GPU; one capture per shape)
-    attention: str = "bf16"  # fp8: cuDNN's FP8 attention in the transformer (Qwen-Image, Z-Image)
+    attention: str = "bf16"  # fp8: cuDNN's FP8 attention in the transformer (Qwen-Image, Z-Image, FLUX)
     # generation
     steps: int = 20
     guidance: float | None = None  # None: the pipeline's default
