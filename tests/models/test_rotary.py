@@ -108,3 +108,21 @@ def test_flux_processor_takes_the_fused_op_and_is_diffusers_bit_for_bit_in_bf16(
         theirs = FluxAttnProcessor()(attn, img, txt, image_rotary_emb=rotary_emb)
     assert [k["round_before_weight"] for k in calls] == [False, False]
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_flux_processor_runs_diffusers_fused_qkv_projections():
+    """After diffusers' fuse_qkv_projections the processor takes q, k, v from the fused Linears."""
+    adapter = adapter_by_name("flux")
+    transformer = random_transformer("flux", dtype=torch.float32, seed=3)
+    inputs = adapter.example_inputs(dict(transformer.config), batch=2, height=64, width=48, text_tokens=8,
+                                    dtype=torch.float32)
+    with torch.no_grad():
+        separate = adapter.output_tensor(transformer(**inputs))
+        transformer.fuse_qkv_projections()
+        calls = []
+        for block in transformer.transformer_blocks:
+            for fused in (block.attn.to_qkv, block.attn.to_added_qkv):
+                fused.register_forward_hook(lambda *_: calls.append(1))
+        fused_out = adapter.output_tensor(transformer(**inputs))
+    assert len(calls) == 2 * len(transformer.transformer_blocks)
+    torch.testing.assert_close(fused_out, separate, rtol=1e-5, atol=1e-5)
