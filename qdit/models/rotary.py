@@ -82,8 +82,10 @@ def _rounds_before_weight(norms: list) -> bool:
 
 
 def _norm_arguments(streams: list[torch.Tensor], norms: list) -> tuple[list, list[float]]:
-    """(weights, eps) of the norms; torch's RMSNorm with eps=None uses its input dtype's epsilon."""
-    eps = [float(n.eps) if n.eps is not None else torch.finfo(x.dtype).eps for x, n in zip(streams, norms)]
+    """(weights, eps) of the norms. torch's RMSNorm with eps=None takes the epsilon of the dtype it computes
+    in (float32 for bf16 input), not of its input's dtype as its docs say."""
+    eps = [float(n.eps) if n.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+           for x, n in zip(streams, norms)]
     return [n.weight for n in norms], eps
 
 

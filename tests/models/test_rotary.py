@@ -83,10 +83,12 @@ def test_compiled_block_has_no_complex_ops(model):
     assert _complex_ops_in_compiled_block(model, diffusers_modules=False) == []
 
 
-def test_flux_processor_takes_the_fused_op_and_is_diffusers_bit_for_bit_in_bf16(monkeypatch):
+@pytest.mark.parametrize("eps,scale", [(1e-6, 1.0), (None, 1e-3)])
+def test_flux_processor_takes_the_fused_op_and_is_diffusers_bit_for_bit_in_bf16(monkeypatch, eps, scale):
     """FLUX's QK norms are torch.nn.RMSNorm, which rounds once (qdit.kernels.qk_norm_rope): with random
-    norm weights, a double-stream block's attention equals diffusers' FluxAttnProcessor exactly, and q
-    and k went through qdit::qk_norm_rope_cat."""
+    norm weights, a double-stream and a single-stream block's attention equal diffusers'
+    FluxAttnProcessor exactly, and q and k went through qdit::qk_norm_rope_cat. eps=None (torch's
+    default) with small inputs, where the epsilon matters."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     import qdit.models.rotary as rotary
@@ -95,19 +97,25 @@ def test_flux_processor_takes_the_fused_op_and_is_diffusers_bit_for_bit_in_bf16(
     fused = rotary.qk_norm_rope_cat
     monkeypatch.setattr(rotary, "qk_norm_rope_cat", lambda *a, **k: calls.append(k) or fused(*a, **k))
     transformer = random_transformer("flux", seed=3)
-    attn = transformer.transformer_blocks[0].attn
+    attn, single = transformer.transformer_blocks[0].attn, transformer.single_transformer_blocks[0].attn
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
+        for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k, single.norm_q, single.norm_k):
             norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) * 2 + 0.25)
+            norm.eps = eps
         dim = attn.query_dim
-        img, txt = torch.randn(2, 24, dim, generator=gen).bfloat16(), torch.randn(2, 8, dim, generator=gen).bfloat16()
+        img = (torch.randn(2, 24, dim, generator=gen) * scale).bfloat16()
+        txt = (torch.randn(2, 8, dim, generator=gen) * scale).bfloat16()
         ids = torch.cat([torch.zeros(8, 3), torch.randint(0, 16, (24, 3)).float()])
         rotary_emb = transformer.pos_embed(ids)
         ours = FluxAttention()(attn, img, txt, image_rotary_emb=rotary_emb)
         theirs = FluxAttnProcessor()(attn, img, txt, image_rotary_emb=rotary_emb)
-    assert [k["round_before_weight"] for k in calls] == [False, False]
+        joint = torch.cat([txt, img], dim=1)
+        ours_single = FluxAttention()(single, joint, image_rotary_emb=rotary_emb)
+        theirs_single = FluxAttnProcessor()(single, joint, image_rotary_emb=rotary_emb)
+    assert [k["round_before_weight"] for k in calls] == [False] * 4
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert torch.equal(ours_single, theirs_single)
 
 
 def test_flux_processor_runs_diffusers_fused_qkv_projections():
