@@ -41,19 +41,20 @@ def test_kernel_is_the_torch_definition(batch, seqs, heads, shared_freqs, d, rou
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
 
 
-@pytest.mark.parametrize("batch,seqs,heads,weighted", [
-    (1, (256, 4096), 24, (True, True)),  # Qwen-Image at 1024²
-    (2, (7, 333), 3, (True, False)),     # a stream without a norm weight: bound of weight 1
-    (2, (0, 333), 3, (True, True)),      # an empty first stream: the second launch writes the scale
-    (2, (4128,), 30, (True,)),           # Z-Image
+@pytest.mark.parametrize("batch,seqs,heads,weighted,d,round_before_weight", [
+    (1, (256, 4096), 24, (True, True), 128, True),   # Qwen-Image at 1024²
+    (2, (7, 333), 3, (True, False), 128, True),      # a stream without a norm weight: bound of weight 1
+    (2, (0, 333), 3, (True, True), 128, True),       # an empty first stream: the second launch writes the scale
+    (2, (4128,), 30, (True,), 128, True),            # Z-Image
+    (1, (512, 4096), 24, (True, True), 128, False),  # FLUX: torch.nn.RMSNorm's rounding
+    (2, (7, 333), 3, (True, True), 96, True),        # a head size padded in the kernel
 ])
-def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
+def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted, d, round_before_weight):
     """The scale is bit-exact (the same float32 product of the same max). The codes are rounded from
     bf16 values that may differ from torch's as the test above allows: most codes are equal, and a
     code may be off by one E4M3 step of its own plus the bf16 deviation (one step of the largest
     normalized values, ~8, times the weight, rotated into small outputs too). A rounding mode other
     than torch's (truncation, double rounding through fp16) would change far more than 2% of codes."""
-    d = 128
     gen = torch.Generator(device="cuda").manual_seed(7 + sum(seqs))
     xs = [(torch.randn(batch, s, heads, d, device="cuda", generator=gen) * 3).to(torch.bfloat16) for s in seqs]
     # the first stream's weights negative: the bound takes |w|
@@ -61,9 +62,10 @@ def test_fp8_kernel_is_the_torch_definition(batch, seqs, heads, weighted):
                if has else None for i, has in enumerate(weighted)]
     freqs = [torch.view_as_real(_freqs(s, d // 2)) for s in seqs]
     eps = [1e-6] * len(seqs)
-    codes, scale = qk_norm_rope_cat_fp8(xs, weights, eps, freqs)
+    codes, scale = qk_norm_rope_cat_fp8(xs, weights, eps, freqs, round_before_weight)
     want_scale = qk_fp8_scale(weights, d)
-    bf16 = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f) for x, w, f in zip(xs, weights, freqs)], dim=1)
+    bf16 = torch.cat([qk_norm_rope_reference(x, w, 1e-6, f, round_before_weight)
+                      for x, w, f in zip(xs, weights, freqs)], dim=1)
     want = quantize_by_reciprocal(bf16, want_scale)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == want.shape
     assert torch.equal(scale, want_scale)
