@@ -26,17 +26,11 @@ from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
 log = logging.getLogger("qdit")
 
 
-def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor, head_axis: int) -> torch.Tensor:
-    """x [B, S, H, D] rotated by freqs_cis (complex [.., S, D/2]; unsqueezed at head_axis to line up with
-    x's heads), element pairs (2i, 2i+1) taken as (real, imaginary): what diffusers computes with
-    view_as_complex(x) * freqs_cis, in the same float32 arithmetic, returned in x's dtype."""
-    # view_as_real is a view: no kernel, nothing complex left for inductor
-    return rotate_by_cos_sin(x, torch.view_as_real(freqs_cis).unsqueeze(head_axis))
-
-
 def rotate_by_cos_sin(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """rotate_pairs with the rotation given as float32 (cos, sin) pairs [..., D/2, 2] that broadcast
-    against x [..., D] viewed as pairs."""
+    """x [..., D] with element pairs (2i, 2i+1) taken as (real, imaginary), rotated by float32 (cos, sin)
+    pairs [..., D/2, 2] that broadcast against x viewed as pairs: what diffusers computes with
+    view_as_complex(x) * freqs_cis (cos_sin = view_as_real(freqs_cis), a view with nothing complex left
+    for inductor), in the same float32 arithmetic, returned in x's dtype."""
     cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
@@ -173,14 +167,12 @@ class FluxAttention(_DispatchedAttention):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        q, k, v = _flux_projections(attn, hidden_states, attn.to_qkv if attn.fused_projections else None,
-                                    (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = _flux_projections(attn, hidden_states, text=False)
         joint_text = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        seq_txt = encoder_hidden_states.shape[1] if joint_text else 0
         q_streams, k_streams, q_norms, k_norms = [q], [k], [attn.norm_q], [attn.norm_k]
         if joint_text:
-            tq, tk, tv = _flux_projections(attn, encoder_hidden_states,
-                                           attn.to_added_qkv if attn.fused_projections else None,
-                                           (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            tq, tk, tv = _flux_projections(attn, encoder_hidden_states, text=True)
             q_streams, k_streams = [tq, q], [tk, k]
             q_norms, k_norms = [attn.norm_added_q, attn.norm_q], [attn.norm_added_k, attn.norm_k]
             v = torch.cat([tv, v], dim=1)
@@ -189,19 +181,19 @@ class FluxAttention(_DispatchedAttention):
             # FluxPosEmbed's cos and sin [S, D] repeat each pair's value twice (repeat_interleave_real)
             cos, sin = image_rotary_emb
             joint_pairs = torch.stack((cos[:, 0::2], sin[:, 0::2]), dim=-1).float()
-            pairs = [joint_pairs]
-            if joint_text:
-                seq_txt = encoder_hidden_states.shape[1]
-                pairs = [joint_pairs[:seq_txt], joint_pairs[seq_txt:]]
+            pairs = [joint_pairs[:seq_txt], joint_pairs[seq_txt:]] if joint_text else [joint_pairs]
         joint = self._attend(q_streams, k_streams, q_norms, k_norms, pairs, v, attention_mask)
         if not joint_text:
             return joint
-        seq_txt = encoder_hidden_states.shape[1]
         img_out = attn.to_out[1](attn.to_out[0](joint[:, seq_txt:].contiguous()))  # projection, dropout
         return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
 
 
-def _flux_projections(attn, x: torch.Tensor, fused, separate) -> list[torch.Tensor]:
-    """q, k, v [B, S, H, D] of one stream, from the fused QKV Linear when diffusers fused them."""
-    qkv = fused(x).chunk(3, dim=-1) if fused is not None else [proj(x) for proj in separate]
+def _flux_projections(attn, x: torch.Tensor, text: bool) -> list[torch.Tensor]:
+    """q, k, v [B, S, H, D] of the text or image stream, from the fused QKV Linear when diffusers fused them."""
+    if attn.fused_projections:
+        qkv = (attn.to_added_qkv if text else attn.to_qkv)(x).chunk(3, dim=-1)
+    else:
+        qkv = [proj(x) for proj in ((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text
+                                    else (attn.to_q, attn.to_k, attn.to_v))]
     return [t.unflatten(-1, (-1, attn.head_dim)) for t in qkv]

@@ -6,19 +6,19 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from qdit.api import random_transformer
 from qdit.models import adapter_by_name
-from qdit.models.rotary import FluxAttention, QwenImageJointAttention, ZImageAttention, rotate_pairs
+from qdit.models.rotary import FluxAttention, QwenImageJointAttention, ZImageAttention, rotate_by_cos_sin
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotate_pairs_is_diffusers_complex_rotation_bit_for_bit(dtype):
+def test_real_rotation_is_diffusers_complex_rotation_bit_for_bit(dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 3, 32, generator=gen).to(dtype)
     freqs = torch.polar(torch.ones(40, 16), torch.randn(40, 16, generator=gen) * 3)
     expected = apply_rotary_emb_qwen(x, freqs, use_real=False)  # [S, D/2] freqs, broadcast over heads
-    assert torch.equal(rotate_pairs(x, freqs, head_axis=1), expected)
+    assert torch.equal(rotate_by_cos_sin(x, torch.view_as_real(freqs).unsqueeze(1)), expected)
     per_batch = torch.polar(torch.ones(2, 40, 16), torch.randn(2, 40, 16, generator=gen))  # Z-Image: [B, S, D/2]
     expected = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * per_batch.unsqueeze(2))
-    assert torch.equal(rotate_pairs(x, per_batch, head_axis=2), expected.flatten(3).to(dtype))
+    assert torch.equal(rotate_by_cos_sin(x, torch.view_as_real(per_batch).unsqueeze(2)), expected.flatten(3).to(dtype))
 
 
 def _outputs(model: str, diffusers_modules: bool, text_mask: bool = False):
