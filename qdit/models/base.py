@@ -62,6 +62,7 @@ class ModelAdapter:
         install_tanh_gelu(model)
         if self.attention_processor is None:
             return
+        self.attention_processor.check_model(model)
         # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
         # set_attn_processor); one processor instance is shared, as set_attn_processor would.
         processor = self.attention_processor(fp8=attention == "fp8")

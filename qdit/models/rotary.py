@@ -19,7 +19,9 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
+from qdit.errors import QditError
 from qdit.kernels.attention_fp8 import fp8_attention_of_codes, quantize_per_tensor
 from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
 
@@ -96,6 +98,10 @@ class _DispatchedAttention:
             log.warning("FP8 attention: calls with an attention mask (padded prompts) use diffusers' BF16 "
                         "attention; cuDNN's FP8 kernel takes no key mask here")
 
+    @classmethod
+    def check_model(cls, model: torch.nn.Module) -> None:
+        """Refuse a model whose inputs to the processor are not what it assumes (before it is installed)."""
+
     def _attend(self, q_streams: list[torch.Tensor], k_streams: list[torch.Tensor], q_norms: list, k_norms: list,
                 pairs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of the streams' queries and keys (each through its norm and rotated by its (cos, sin)
@@ -164,6 +170,17 @@ class FluxAttention(_DispatchedAttention):
     stream: attention over [text, image], each part through its output projection. Single-stream blocks
     pass the joint sequence alone and get the attention back unprojected."""
 
+    @classmethod
+    def check_model(cls, model: torch.nn.Module) -> None:
+        # The rotation is read from diffusers' FluxPosEmbed, whose cos and sin [S, D] repeat each pair's
+        # value twice (repeat_interleave_real): only its even columns are used.
+        pos_embed = getattr(model, "pos_embed", None)
+        if not isinstance(pos_embed, FluxPosEmbed):
+            raise QditError(f"{type(model).__name__}: qdit's FLUX attention processor reads rotary embeddings "
+                            f"laid out by diffusers' FluxPosEmbed (cos/sin values repeated per pair); the "
+                            f"model's pos_embed is {type(pos_embed).__name__}. Load it with attention='bf16' "
+                            f"and without qdit's processor, or give it diffusers' FluxPosEmbed.")
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -180,6 +197,9 @@ class FluxAttention(_DispatchedAttention):
         if image_rotary_emb is not None:
             # FluxPosEmbed's cos and sin [S, D] repeat each pair's value twice (repeat_interleave_real)
             cos, sin = image_rotary_emb
+            if cos.shape[-1] != q.shape[-1]:
+                raise ValueError(f"FLUX rotary embedding: cos/sin have {cos.shape[-1]} columns per position, "
+                                 f"the attention heads {q.shape[-1]} (FluxPosEmbed's layout has one per channel)")
             joint_pairs = torch.stack((cos[:, 0::2], sin[:, 0::2]), dim=-1).float()
             pairs = [joint_pairs[:seq_txt], joint_pairs[seq_txt:]] if joint_text else [joint_pairs]
         joint = self._attend(q_streams, k_streams, q_norms, k_norms, pairs, v, attention_mask)

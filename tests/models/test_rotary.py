@@ -5,6 +5,7 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from qdit.api import random_transformer
+from qdit.errors import QditError
 from qdit.models import adapter_by_name
 from qdit.models.rotary import FluxAttention, QwenImageJointAttention, ZImageAttention, rotate_by_cos_sin
 
@@ -134,3 +135,25 @@ def test_flux_processor_runs_diffusers_fused_qkv_projections():
         fused_out = adapter.output_tensor(transformer(**inputs))
     assert len(calls) == 2 * len(transformer.transformer_blocks)
     torch.testing.assert_close(fused_out, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_processor_refuses_a_model_without_diffusers_flux_pos_embed():
+    """The processor reads cos/sin as FluxPosEmbed lays them out; another position embedding is refused
+    when the processor is installed, naming the module found."""
+    adapter = adapter_by_name("flux")
+    transformer = random_transformer("flux", dtype=torch.float32, diffusers_modules=True)
+
+    class OtherPosEmbed(torch.nn.Module):
+        pass
+
+    transformer.pos_embed = OtherPosEmbed()
+    with pytest.raises(QditError, match="FluxPosEmbed.*OtherPosEmbed"):
+        adapter.install_compile_friendly_modules(transformer)
+
+
+def test_flux_processor_refuses_rotary_embeddings_of_another_width():
+    attn = random_transformer("flux", dtype=torch.float32).transformer_blocks[0].attn
+    x = torch.randn(1, 4, attn.query_dim)
+    half_width = torch.ones(4, attn.head_dim // 2)
+    with pytest.raises(ValueError, match="cos/sin have 16 columns per position, the attention heads 32"):
+        FluxAttention()(attn, x, image_rotary_emb=(half_width, half_width))
