@@ -18,7 +18,7 @@ log = logging.getLogger("qdit")
 
 
 def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     backend: str | None = None, quantize: str | None = None,
+                     backend: str | None = None, quantize: str | None = None, quantize_layers: str = "recipe",
                      attention: str = "bf16") -> torch.nn.Module:
     """Load a diffusers DiT transformer with qdit's quantized layers.
 
@@ -26,6 +26,8 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     quantize: None/"none" loads the checkpoint as it is (a ModelOpt export runs quantized, a BF16
         checkpoint runs in BF16); "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4" or "nvfp4_svd"
         quantizes a BF16 checkpoint while it loads.
+    quantize_layers: with quantize, which Linears: "recipe" (the format producer's choice: ModelOpt's
+        recipe keeps some large layers in BF16) or "blocks" (every Linear of the repeated blocks).
     backend: force a kernel backend by name (default: the best one for the device, per layer).
     attention: "bf16" (diffusers' attention) or "fp8" (cuDNN's FP8 attention: Qwen-Image, Z-Image, FLUX).
     """
@@ -36,7 +38,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     skeleton = build_skeleton(adapter, ckpt.config, dtype)
     linears = linear_layers(skeleton)
     source = formats.loading_source(ckpt, fmt, linears)
-    plan = formats.plan_for(source, fmt, adapter, linears, quantize)
+    plan = formats.plan_for(source, fmt, adapter, linears, quantize, layers=quantize_layers)
     model, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
@@ -49,14 +51,14 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
 
 def random_transformer(model: str, *, full_size: bool = False, config: dict[str, Any] | None = None,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                       backend: str | None = None, quantize: str | None = None, seed: int = 0,
-                       diffusers_modules: bool = False, attention: str = "bf16") -> torch.nn.Module:
+                       backend: str | None = None, quantize: str | None = None, quantize_layers: str = "recipe",
+                       seed: int = 0, diffusers_modules: bool = False, attention: str = "bf16") -> torch.nn.Module:
     """A transformer with seeded random weights, built and quantized exactly as a checkpoint load would be.
 
     model: an adapter name ("qwen-image", "flux", "z-image"); full_size picks the published config,
     otherwise the tiny one, unless `config` is given. diffusers_modules keeps diffusers' own attention
-    processors and activations (the benchmark's diffusers peers) instead of qdit's; attention as for
-    load_transformer.
+    processors and activations (the benchmark's diffusers peers) instead of qdit's; quantize_layers and
+    attention as for load_transformer.
     """
     adapter = adapter_by_name(model)
     device = torch.device(device)
@@ -64,7 +66,7 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     skeleton = build_skeleton(adapter, cfg, dtype)
     source = RandomWeights(adapter, skeleton, device, dtype, seed)
     fmt = formats.DetectedFormat("bf16", None)
-    plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize)
+    plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize, layers=quantize_layers)
     model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                                quantize_from_full=quantize not in (None, "none"))
     if not diffusers_modules:

@@ -103,16 +103,22 @@ def conditioning_linears_ms(model, adapter, batch: int, iters: int) -> tuple[int
         return len(layers), replay_ms(lambda: [m(inputs[m.in_features]) for m in layers], iters)
 
 
-def torchao_fp8(model, adapter) -> None:
-    """The peer: torchao's FP8 dynamic per-row quantization of the Linears qdit would quantize."""
+def torchao_fp8(model, adapter, layers: str = "recipe") -> None:
+    """The peer: torchao's FP8 dynamic per-row quantization of the Linears qdit would quantize (layers as
+    qdit's quantize_layers)."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise RuntimeError(f"the torchao_fp8 peer needs torchao installed ({e})") from e
     config = dict(model.config)
+
+    def quantized(name: str) -> bool:
+        if layers == "blocks":
+            return name.startswith(tuple(f"{b}." for b in adapter.block_lists))
+        return not adapter.is_excluded_by_default(name, config)
+
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear)
-              and not adapter.is_excluded_by_default(name, config))
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and quantized(name))
 
 
 def timed_compile(model, inputs, adapter, peer: bool, mode: str | None) -> float:
@@ -177,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default="bf16,fp8,fp8_static,fp8_per_channel,nvfp4,nvfp4_svd,w4a16_nvfp4",
                         help="bf16 = diffusers' own model; <fmt>_static = quantized at load, then activation "
                              "scales calibrated on the step's inputs (a ModelOpt export's layout); <fmt>+fp8attn = "
-                             "with FP8 attention")
+                             "with FP8 attention; <fmt>+blocks = every block Linear quantized, not the recipe's "
+                             "(torchao_fp8+blocks likewise)")
     parser.add_argument("--compile", default="all", help="formats also timed compiled ('all' or a list)")
     parser.add_argument("--reference-forward", default="",
                         help="formats whose reference-backend forward is timed once (smoke test)")
@@ -214,26 +221,40 @@ def run_one(args, height: int, width: int, batch: int) -> None:
     write_results(args, rows, run_meta(args))
 
 
+FORMAT_OPTIONS = ("fp8attn", "blocks")
+
+
+def parse_format(fmt: str) -> tuple[str, set[str]]:
+    """"<format>[_static][+option...]" -> (format, options). "_static": quantized at load, then activation
+    scales calibrated on the step's inputs (the layout of a ModelOpt export with static input_scale).
+    Options: "fp8attn", FP8 attention; "blocks", quantize_layers="blocks" (every block Linear, not the
+    recipe's). The peers take "blocks" only (torchao then quantizes the same Linears)."""
+    spec, *options = fmt.split("+")
+    unknown = [o for o in options if o not in FORMAT_OPTIONS]
+    if unknown:
+        raise SystemExit(f"qdit bench: unknown format option(s) {', '.join(unknown)} in {fmt!r} "
+                         f"(known: {', '.join(FORMAT_OPTIONS)})")
+    if spec == "bf16" and options or spec == "torchao_fp8" and set(options) - {"blocks"}:
+        raise SystemExit(f"qdit bench: {fmt!r}: {spec} is a diffusers peer; FP8 attention is for qdit's formats"
+                         f"{'' if spec == 'torchao_fp8' else ' and bf16 quantizes nothing'}")
+    return spec, set(options)
+
+
 def bench_format(args, fmt: str, adapter, device: torch.device) -> dict:
     """Load, time and (if asked) compile, graph and profile one format: its results row."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    # "<format>_static": quantized at load, then activation scales calibrated on the step's inputs
-    # (the layout of a ModelOpt export with static input_scale); "<format>+fp8attn": FP8 attention.
-    spec, _, option = fmt.partition("+")
-    if option not in ("", "fp8attn"):
-        raise SystemExit(f"qdit bench: unknown format option {option!r} in {fmt!r} (known: fp8attn)")
+    spec, options = parse_format(fmt)
     base_fmt = spec.removesuffix("_static")
     peer = spec in ("bf16", "torchao_fp8")
-    if peer and option:
-        raise SystemExit(f"qdit bench: {spec} is a diffusers peer; FP8 attention is for qdit's formats")
+    layers = "blocks" if "blocks" in options else "recipe"
     model = random_transformer(args.model, full_size=True, device=device,
-                               quantize=None if peer else base_fmt, diffusers_modules=peer,
-                               attention="fp8" if option == "fp8attn" else "bf16")
+                               quantize=None if peer else base_fmt, quantize_layers="recipe" if peer else layers,
+                               diffusers_modules=peer, attention="fp8" if "fp8attn" in options else "bf16")
     if spec == "torchao_fp8":
-        torchao_fp8(model, adapter)
+        torchao_fp8(model, adapter, layers)
     inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
                                     text_tokens=args.text_tokens, device=device)
     if spec.endswith("_static"):

@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
     from qdit.config import QditConfig, resolve_config
     from qdit.pipelines.load import check_writable, generate, load_pipeline, save_png
 
-    overrides = {"quantize": args.quantize, "backend": args.backend, "steps": args.steps, "guidance": args.guidance,
+    overrides = {"quantize": args.quantize, "quantize_layers": args.quantize_layers, "backend": args.backend, "steps": args.steps, "guidance": args.guidance,
                  "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its header (most legacy folders); when SRC has one, --base wins")
     p.set_defaults(func=cmd_convert_nunchaku)
 
-    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES
+    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES, QUANTIZE_LAYERS_CHOICES
 
     p = sub.add_parser("generate", help="text to image with a (quantized) diffusers pipeline")
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES)
+    p.add_argument("--quantize-layers", default=None, choices=QUANTIZE_LAYERS_CHOICES,
+                   help="with a --quantize format: 'recipe' (default; the format producer's layers, ModelOpt's "
+                        "recipe keeps some large ones in BF16) or 'blocks' (every Linear of the repeated blocks)")
     p.add_argument("--backend", default=None)
     p.add_argument("--text-encoder-fp8", action="store_true")
     p.add_argument("--vae-fp8", action="store_true")

@@ -18,6 +18,11 @@ from qdit.errors import QditError
 
 QUANTIZE_CHOICES = ("auto", "none", "fp8", "fp8_per_channel", "nvfp4", "w4a16_nvfp4", "nvfp4_svd",
                     "mixed_fp8_nvfp4", "svdq_int4", "svdq_nvfp4")
+# Which Linears load-time quantization covers. "recipe": those the format's producer quantizes (ModelOpt's
+# example recipe for the model, which keeps some large layers in BF16; Nunchaku's: every block Linear).
+# "blocks": every Linear of the repeated blocks, as Nunchaku's checkpoints do; embedders and the output
+# layers stay BF16 either way.
+QUANTIZE_LAYERS_CHOICES = ("recipe", "blocks")
 DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION_CHOICES = ("bf16", "fp8")
 
@@ -26,6 +31,7 @@ ATTENTION_CHOICES = ("bf16", "fp8")
 class QditConfig:
     # loading
     quantize: str = "auto"  # auto: as the checkpoint says; none: BF16 checkpoint as is; else quantize at load
+    quantize_layers: str = "recipe"  # with a load-time format: recipe (the producer's layers) or blocks (all block Linears)
     backend: str | None = None  # force a kernel backend (default: chosen per layer)
     dtype: str = "bfloat16"  # compute dtype of the pipeline
     text_encoder_fp8: bool = False  # store text-encoder Linear weights in FP8
@@ -45,6 +51,9 @@ class QditConfig:
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
             raise QditError(f"config: quantize={self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.quantize_layers not in QUANTIZE_LAYERS_CHOICES:
+            raise QditError(f"config: quantize_layers={self.quantize_layers!r} is not one of "
+                            f"{', '.join(QUANTIZE_LAYERS_CHOICES)}")
         if self.attention not in ATTENTION_CHOICES:
             raise QditError(f"config: attention={self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
         if self.dtype not in DTYPES:

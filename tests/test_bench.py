@@ -96,3 +96,15 @@ def test_inductor_config_and_matmul_precision_are_restored_after_an_error():
             bench.torch.set_float32_matmul_precision("high" if before[1] != "high" else "medium")
             raise RuntimeError("a format failed")
     assert (inductor_config.coordinate_descent_tuning, bench.torch.get_float32_matmul_precision()) == before
+
+
+def test_format_names_and_their_options():
+    from qdit.bench import parse_format
+
+    assert parse_format("fp8_static+fp8attn+blocks") == ("fp8_static", {"fp8attn", "blocks"})
+    assert parse_format("torchao_fp8+blocks") == ("torchao_fp8", {"blocks"})
+    assert parse_format("bf16") == ("bf16", set())
+    for bad, match in (("fp8+fast", "unknown format option"), ("bf16+blocks", "peer"),
+                       ("torchao_fp8+fp8attn", "peer")):
+        with pytest.raises(SystemExit, match=match):
+            parse_format(bad)

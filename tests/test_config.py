@@ -42,3 +42,14 @@ def test_example_configs_load():
     assert len(files) == 9
     for f in files:
         QditConfig.from_yaml(f)
+
+
+def test_quantize_layers_from_yaml_and_cli(tmp_path):
+    from qdit.cli import build_parser
+
+    f = tmp_path / "c.yaml"
+    f.write_text("quantize: fp8\nquantize_layers: blocks\n")
+    assert QditConfig.from_yaml(f).quantize_layers == "blocks"
+    assert QditConfig().quantize_layers == "recipe"
+    args = build_parser().parse_args(["generate", "--quantize", "fp8", "--quantize-layers", "blocks"])
+    assert args.quantize_layers == "blocks"

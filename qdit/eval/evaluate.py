@@ -3,6 +3,7 @@
 Formats (names for --formats):
   bf16                    the checkpoint as it is
   fp8, nvfp4, ...         quantized while loading (qdit.formats.LOAD_TIME_FORMATS)
+  <format>+blocks         the same with quantize_layers="blocks": every block Linear, not the recipe's
   modelopt-<format>       written by `qdit quantize` as a ModelOpt export, calibrated on the transformer
                           inputs of training captions, then loaded from disk
   NAME=FOLDER             a transformer folder made elsewhere (a converted Nunchaku checkpoint, say)
@@ -31,6 +32,7 @@ log = logging.getLogger("qdit.eval")
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-qwen-image"
 MODELOPT_PREFIX = "modelopt-"
+BLOCKS_SUFFIX = "+blocks"
 CALIBRATION_PROMPTS = 4  # training captions whose 20-step transformer inputs calibrate the exports
 
 
@@ -83,11 +85,12 @@ def parse_formats(text: str) -> list[tuple[str, Path | None]]:
             if not Path(folder).is_dir():
                 raise QditError(f"--formats {item}: {folder} is not a folder (expected a transformer folder)")
             parsed.append((name, Path(folder)))
-        elif item in known:
+        elif item in known or item.endswith(BLOCKS_SUFFIX) and item.removesuffix(BLOCKS_SUFFIX) in LOAD_TIME_FORMATS:
             parsed.append((item, None))
         else:
-            raise QditError(f"--formats: unknown format {item!r}; known: {', '.join(known)}, or NAME=FOLDER "
-                            f"for a prepared transformer folder (load-time formats: {', '.join(LOAD_TIME_FORMATS)})")
+            raise QditError(f"--formats: unknown format {item!r}; known: {', '.join(known)}, a load-time format "
+                            f"with {BLOCKS_SUFFIX} (every block Linear quantized), or NAME=FOLDER for a prepared "
+                            f"transformer folder (load-time formats: {', '.join(LOAD_TIME_FORMATS)})")
     if not parsed:
         raise QditError("--formats is empty")
     if parsed[0][0] != "bf16":
@@ -125,6 +128,10 @@ def _load(model: Path, name: str, folder: Path | None, device, backend: str | No
         return (load_pipeline(model, device=device, transformer=export, backend=backend),
                 f"ModelOpt export written by qdit quantize ({fmt}), calibrated on {CALIBRATION_PROMPTS} training "
                 "captions")
+    if name.endswith(BLOCKS_SUFFIX):
+        fmt = name.removesuffix(BLOCKS_SUFFIX)
+        return (load_pipeline(model, device=device, quantize=fmt, quantize_layers="blocks", backend=backend),
+                f"quantized at load ({fmt}, every block Linear)")
     return load_pipeline(model, device=device, quantize=name, backend=backend), f"quantized at load ({name})"
 
 

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from qdit.config import QUANTIZE_LAYERS_CHOICES
 from qdit.errors import QditError, UnsupportedFormatError
 from qdit.formats import modelopt, svdquant
 from qdit.formats.checkpoint import Checkpoint, open_checkpoint
@@ -87,9 +88,18 @@ def detect(ckpt: Checkpoint) -> DetectedFormat:
 
 
 def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linears: dict[str, tuple[int, int, bool]],
-             quantize: str | None, *, lora_rank: int = 32) -> dict[str, LayerQuant]:
-    """Per-Linear plan: from the checkpoint's config, or from a load-time quantization request."""
-    if quantize is not None and quantize != "none":
+             quantize: str | None, *, lora_rank: int = 32, layers: str = "recipe") -> dict[str, LayerQuant]:
+    """Per-Linear plan: from the checkpoint's config, or from a load-time quantization request covering
+    `layers` (QUANTIZE_LAYERS_CHOICES)."""
+    if layers not in QUANTIZE_LAYERS_CHOICES:
+        raise QditError(f"quantize_layers={layers!r} is not one of {', '.join(QUANTIZE_LAYERS_CHOICES)}")
+    load_time = quantize is not None and quantize != "none"
+    if layers != "recipe" and not load_time:
+        raise QditError(f"quantize_layers={layers!r} chooses the Linears qdit quantizes while loading a BF16 "
+                        f"checkpoint, but {ckpt.folder} is loaded as it is ({fmt.name}"
+                        f"{' ' + fmt.quant_algo if fmt.quant_algo else ''}: its own config decides). Ask for a "
+                        f"format (quantize=fp8, nvfp4, ...) or leave quantize_layers at 'recipe'.")
+    if load_time:
         if fmt.name != "bf16":
             raise QditError(
                 f"{ckpt.folder} is already quantized ({fmt.name} {fmt.quant_algo}); it cannot be quantized again "
@@ -101,8 +111,9 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         config: dict[str, Any] = dict(ckpt.config)
         plan = {}
         odd = []
+        all_blocks = layers == "blocks" or quantize in ALL_BLOCKS_FORMATS
         for name, (k, n, _) in linears.items():
-            if quantize in ALL_BLOCKS_FORMATS:
+            if all_blocks:
                 excluded = not name.startswith(tuple(f"{b}." for b in adapter.block_lists))
             else:
                 excluded = adapter.is_excluded_by_default(name, config)

@@ -105,6 +105,10 @@ def test_parse_formats():
         parse_formats("mine=/no/such/folder")
     with pytest.raises(QditError, match="empty"):
         parse_formats(" , ")
+    assert parse_formats("nvfp4+blocks") == [("bf16", None), ("nvfp4+blocks", None)]
+    for bad in ("bf16+blocks", "modelopt-fp8+blocks", "nvfp4+all"):
+        with pytest.raises(QditError, match="unknown format"):
+            parse_formats(bad)
 
 
 def test_cli_eval_writes_table_json_and_grid(tmp_path, capsys):
