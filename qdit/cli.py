@@ -61,9 +61,10 @@ def cmd_quantize(args) -> int:
 
         prompts = read_prompts(args.calibration_prompts) if args.calibration_prompts else None
         dst = quantize_pipeline(args.src, args.dst, args.format, device=args.device, calibration_prompts=prompts,
-                                height=args.size, width=args.size)
+                                height=args.size, width=args.size, quantize_layers=args.quantize_layers)
     else:
-        dst = quantize_checkpoint(args.src, args.dst, args.format, device=args.device, calibration=args.calibration)
+        dst = quantize_checkpoint(args.src, args.dst, args.format, device=args.device, calibration=args.calibration,
+                                  quantize_layers=args.quantize_layers)
     print(f"wrote {dst}")
     return 0
 
@@ -175,12 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(func=cmd_inspect)
 
+    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES, QUANTIZE_LAYERS_CHOICES
     from qdit.formats import LOAD_TIME_FORMATS
 
     p = sub.add_parser("quantize", help="quantize a BF16 transformer and write it in ModelOpt's export layout")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--format", required=True, choices=sorted(LOAD_TIME_FORMATS))
+    p.add_argument("--quantize-layers", default="recipe", choices=QUANTIZE_LAYERS_CHOICES,
+                   help="'recipe' (the format producer's layers) or 'blocks' (every Linear of the repeated blocks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--calibration", default="synthetic", choices=["synthetic"],
                    help="inputs for static activation scales: 'synthetic' runs the model's example inputs")
@@ -202,8 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder (model_index.json + transformer/config.json). Needed when SRC has no config in "
                         "its header (most legacy folders); when SRC has one, --base wins")
     p.set_defaults(func=cmd_convert_nunchaku)
-
-    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES, QUANTIZE_LAYERS_CHOICES
 
     p = sub.add_parser("generate", help="text to image with a (quantized) diffusers pipeline")
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")

@@ -77,6 +77,19 @@ def test_quantize_then_inspect(flux_bf16, tmp_path, capsys):
     assert info["producer"]["name"] == "modelopt"
 
 
+def test_quantize_every_block_linear(flux_bf16, tmp_path, capsys):
+    """--quantize-layers blocks: the single blocks' proj_out (BF16 in ModelOpt's recipe) is quantized too,
+    and the export's ignore list names only what stays BF16."""
+    dst = tmp_path / "fp8-blocks"
+    code, _, _ = _run(capsys, "quantize", str(flux_bf16), str(dst), "--format", "fp8", "--quantize-layers", "blocks")
+    assert code == 0
+    code, out, _ = _run(capsys, "inspect", "--json", str(dst))
+    info = json.loads(out)
+    assert info["scheme_counts"] == {"bf16": 10, "fp8": 26}
+    ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "single_transformer_blocks.0.proj_out" not in ignore and "proj_out" in ignore
+
+
 def test_quantize_rejects_an_unknown_format(flux_bf16, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(flux_bf16), str(tmp_path / "x"), "--format", "int3"])

@@ -26,10 +26,14 @@ def synthetic_calibration_inputs(adapter, config, device) -> list[dict]:
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *, device: str = "cpu",
-                        calibration: str = "synthetic", calibration_inputs: list[dict] | None = None) -> Path:
+                        calibration: str = "synthetic", calibration_inputs: list[dict] | None = None,
+                        quantize_layers: str = "recipe") -> Path:
+    """A BF16 transformer folder quantized to `fmt` (the Linears quantize_layers picks, as
+    load_transformer), activation scales calibrated, written in ModelOpt's export layout (its ignore
+    list names every Linear left in BF16)."""
     ckpt = open_checkpoint(src)
     adapter = adapter_for_class(ckpt.class_name, source=str(ckpt.config_file))
-    model = load_transformer(src, device=device, quantize=fmt)
+    model = load_transformer(src, device=device, quantize=fmt, quantize_layers=quantize_layers)
     if calibration_inputs is None:
         if calibration != "synthetic":
             raise ValueError(f"unknown calibration source {calibration!r}")
@@ -83,7 +87,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *, device: str = "cpu",
-                      calibration_prompts: list[str] | None = None, height: int = 512, width: int = 512) -> Path:
+                      calibration_prompts: list[str] | None = None, height: int = 512, width: int = 512,
+                      quantize_layers: str = "recipe") -> Path:
     """A whole pipeline folder: the transformer quantized (ModelOpt export layout), the rest copied.
 
     calibration_prompts: static activation scales are set from the transformer inputs the BF16
@@ -102,7 +107,8 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, 
         pipe = load_pipeline(src, device=device, quantize="none")
         inputs = pipeline_calibration_inputs(pipe, calibration_prompts, height=height, width=width)
         del pipe
-    quantize_checkpoint(src / "transformer", dst / "transformer", fmt, device=device, calibration_inputs=inputs)
+    quantize_checkpoint(src / "transformer", dst / "transformer", fmt, device=device, calibration_inputs=inputs,
+                        quantize_layers=quantize_layers)
     for entry in src.iterdir():
         if entry.name == "transformer":
             continue
