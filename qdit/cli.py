@@ -81,8 +81,8 @@ def cmd_generate(args) -> int:
     from qdit.config import QditConfig, resolve_config
     from qdit.pipelines.load import check_writable, generate, load_pipeline, save_png
 
-    overrides = {"quantize": args.quantize, "quantize_layers": args.quantize_layers, "backend": args.backend, "steps": args.steps, "guidance": args.guidance,
-                 "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
+    overrides = {"quantize": args.quantize, "quantize_layers": args.quantize_layers, "backend": args.backend,
+                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
                  "cuda_graph": args.cuda_graph or None, "attention": args.attention}

@@ -95,9 +95,10 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         raise QditError(f"quantize_layers={layers!r} is not one of {', '.join(QUANTIZE_LAYERS_CHOICES)}")
     load_time = quantize is not None and quantize != "none"
     if layers != "recipe" and not load_time:
-        raise QditError(f"quantize_layers={layers!r} chooses the Linears qdit quantizes while loading a BF16 "
-                        f"checkpoint, but {ckpt.folder} is loaded as it is ({fmt.name}"
-                        f"{' ' + fmt.quant_algo if fmt.quant_algo else ''}: its own config decides). Ask for a "
+        as_it_is = ("a BF16 checkpoint, run unquantized" if fmt.name == "bf16" else
+                    f"{fmt.name} {fmt.quant_algo}: its own quantization config decides its layers")
+        raise QditError(f"quantize_layers={layers!r} picks the Linears qdit quantizes while loading a BF16 "
+                        f"checkpoint, but {ckpt.folder} is loaded as it is ({as_it_is}). Ask for a load-time "
                         f"format (quantize=fp8, nvfp4, ...) or leave quantize_layers at 'recipe'.")
     if load_time:
         if fmt.name != "bf16":

@@ -178,8 +178,8 @@ class FluxAttention(_DispatchedAttention):
         if not isinstance(pos_embed, FluxPosEmbed):
             raise QditError(f"{type(model).__name__}: qdit's FLUX attention processor reads rotary embeddings "
                             f"laid out by diffusers' FluxPosEmbed (cos/sin values repeated per pair); the "
-                            f"model's pos_embed is {type(pos_embed).__name__}. Load it with attention='bf16' "
-                            f"and without qdit's processor, or give it diffusers' FluxPosEmbed.")
+                            f"model's pos_embed is {type(pos_embed).__name__}. Keep diffusers' FluxPosEmbed as "
+                            f"the model's pos_embed.")
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
