@@ -108,3 +108,30 @@ def test_format_names_and_their_options():
                        ("torchao_fp8+fp8attn", "peer")):
         with pytest.raises(SystemExit, match=match):
             parse_format(bad)
+
+
+@pytest.mark.parametrize("layers", ["recipe", "blocks"])
+def test_torchao_peer_quantizes_the_linears_qdit_does(monkeypatch, layers):
+    """The torchao peer's filter picks the same Linears as qdit's plan for the same quantize_layers
+    (torchao's quantize_ replaced by a recorder: torchao is a GPU-machine dependency)."""
+    import sys
+    import types
+
+    import torch
+
+    from qdit.api import random_transformer
+    from qdit.models import adapter_by_name
+
+    picked = []
+    fake = types.ModuleType("torchao.quantization")
+    fake.Float8DynamicActivationFloat8WeightConfig = lambda granularity: None
+    fake.PerRow = lambda: None
+    fake.quantize_ = lambda model, config, filter_fn: picked.extend(
+        name for name, m in model.named_modules() if filter_fn(m, name))
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    peer = random_transformer("flux", diffusers_modules=True)
+    bench.torchao_fp8(peer, adapter_by_name("flux"), layers)
+    qdit_model = random_transformer("flux", quantize="fp8", quantize_layers=layers)
+    assert sorted(picked) == sorted(n for n, lq in qdit_model.qdit_plan.items() if lq.quantized)
+    assert all(isinstance(peer.get_submodule(n), torch.nn.Linear) for n in picked)
