@@ -38,7 +38,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     skeleton = build_skeleton(adapter, ckpt.config, dtype)
     linears = linear_layers(skeleton)
     source = formats.loading_source(ckpt, fmt, linears)
-    plan = formats.plan_for(source, fmt, adapter, linears, quantize, layers=quantize_layers)
+    plan = formats.plan_for(source, fmt, adapter, linears, quantize, quantize_layers=quantize_layers)
     model, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                               quantize_from_full=quantize not in (None, "none"))
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
@@ -66,7 +66,8 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     skeleton = build_skeleton(adapter, cfg, dtype)
     source = RandomWeights(adapter, skeleton, device, dtype, seed)
     fmt = formats.DetectedFormat("bf16", None)
-    plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize, layers=quantize_layers)
+    plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize,
+                            quantize_layers=quantize_layers)
     model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
                                quantize_from_full=quantize not in (None, "none"))
     if not diffusers_modules:

@@ -234,9 +234,10 @@ def parse_format(fmt: str) -> tuple[str, set[str]]:
     if unknown:
         raise SystemExit(f"qdit bench: unknown format option(s) {', '.join(unknown)} in {fmt!r} "
                          f"(known: {', '.join(FORMAT_OPTIONS)})")
-    if spec == "bf16" and options or spec == "torchao_fp8" and set(options) - {"blocks"}:
-        raise SystemExit(f"qdit bench: {fmt!r}: {spec} is a diffusers peer; FP8 attention is for qdit's formats"
-                         f"{'' if spec == 'torchao_fp8' else ' and bf16 quantizes nothing'}")
+    if spec == "bf16" and options:
+        raise SystemExit(f"qdit bench: {fmt!r}: bf16 takes no options (it is diffusers' unquantized model)")
+    if spec == "torchao_fp8" and set(options) - {"blocks"}:
+        raise SystemExit(f"qdit bench: {fmt!r}: torchao_fp8 takes only +blocks (FP8 attention is qdit's)")
     return spec, set(options)
 
 

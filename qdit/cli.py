@@ -82,7 +82,8 @@ def cmd_generate(args) -> int:
     from qdit.pipelines.load import check_writable, generate, load_pipeline, save_png
 
     overrides = {"quantize": args.quantize, "quantize_layers": args.quantize_layers, "backend": args.backend,
-                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "height": args.height, "width": args.width, "num_images": args.num_images,
+                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "height": args.height,
+                 "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
                  "cuda_graph": args.cuda_graph or None, "attention": args.attention}
@@ -107,7 +108,8 @@ def cmd_generate(args) -> int:
         print(f"wrote {path}")
     peak = f"{result.peak_gpu_bytes / 2**30:.2f} GiB" if result.peak_gpu_bytes is not None else "n/a (CPU)"
     print(f"{config.steps} steps in {result.seconds:.2f} s ({result.seconds_per_step:.3f} s/step), "
-          f"transformer {result.metadata['quantization']}, peak GPU memory {peak}")
+          f"transformer {result.metadata['quantization']} ({result.metadata['quantized_linears']} Linears), "
+          f"peak GPU memory {peak}")
     return 0
 
 
@@ -245,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, fidelity to BF16, memory and speed of each format on a scored model")
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
     p.add_argument("--formats", default=",".join(default_formats()),
-                   help="comma-separated: bf16, a load-time format, modelopt-<format>, or NAME=TRANSFORMER_FOLDER")
+                   help="comma-separated: bf16, a load-time format, modelopt-<format>, either with +blocks (every "
+                        "block Linear quantized, not the recipe's), or NAME=TRANSFORMER_FOLDER")
     p.add_argument("--prompts", default="200", help="N held-out captions, or a file of captions (one per line)")
     p.add_argument("--seed", type=int, default=0, help="prompt i starts from seed + i")
     p.add_argument("--steps", type=int, default=20)

@@ -3,9 +3,9 @@
 Formats (names for --formats):
   bf16                    the checkpoint as it is
   fp8, nvfp4, ...         quantized while loading (qdit.formats.LOAD_TIME_FORMATS)
-  <format>+blocks         the same with quantize_layers="blocks": every block Linear, not the recipe's
   modelopt-<format>       written by `qdit quantize` as a ModelOpt export, calibrated on the transformer
                           inputs of training captions, then loaded from disk
+  either, +blocks         with quantize_layers="blocks": every block Linear, not the recipe's
   NAME=FOLDER             a transformer folder made elsewhere (a converted Nunchaku checkpoint, say)
 """
 
@@ -85,11 +85,11 @@ def parse_formats(text: str) -> list[tuple[str, Path | None]]:
             if not Path(folder).is_dir():
                 raise QditError(f"--formats {item}: {folder} is not a folder (expected a transformer folder)")
             parsed.append((name, Path(folder)))
-        elif item in known or item.endswith(BLOCKS_SUFFIX) and item.removesuffix(BLOCKS_SUFFIX) in LOAD_TIME_FORMATS:
+        elif item in known or item.removesuffix(BLOCKS_SUFFIX) in set(known) - {"bf16"}:
             parsed.append((item, None))
         else:
-            raise QditError(f"--formats: unknown format {item!r}; known: {', '.join(known)}, a load-time format "
-                            f"with {BLOCKS_SUFFIX} (every block Linear quantized), or NAME=FOLDER for a prepared "
+            raise QditError(f"--formats: unknown format {item!r}; known: {', '.join(known)}, any but bf16 with "
+                            f"{BLOCKS_SUFFIX} (every block Linear quantized), or NAME=FOLDER for a prepared "
                             f"transformer folder (load-time formats: {', '.join(LOAD_TIME_FORMATS)})")
     if not parsed:
         raise QditError("--formats is empty")
@@ -121,18 +121,19 @@ def _load(model: Path, name: str, folder: Path | None, device, backend: str | No
         fmt = detect(open_checkpoint(folder))
         return (load_pipeline(model, device=device, transformer=folder, backend=backend),
                 f"transformer folder {folder.name} ({fmt.name}{' ' + fmt.quant_algo if fmt.quant_algo else ''})")
-    if name.startswith(MODELOPT_PREFIX):
-        fmt = name[len(MODELOPT_PREFIX):]
+    layers = "blocks" if name.endswith(BLOCKS_SUFFIX) else "recipe"
+    fmt = name.removesuffix(BLOCKS_SUFFIX)
+    which = ", every block Linear" if layers == "blocks" else ""
+    if fmt.startswith(MODELOPT_PREFIX):
+        fmt = fmt[len(MODELOPT_PREFIX):]
         export = workdir / name
-        quantize_checkpoint(model / "transformer", export, fmt, device=str(device), calibration_inputs=calibration)
+        quantize_checkpoint(model / "transformer", export, fmt, device=str(device), calibration_inputs=calibration,
+                            quantize_layers=layers)
         return (load_pipeline(model, device=device, transformer=export, backend=backend),
-                f"ModelOpt export written by qdit quantize ({fmt}), calibrated on {CALIBRATION_PROMPTS} training "
-                "captions")
-    if name.endswith(BLOCKS_SUFFIX):
-        fmt = name.removesuffix(BLOCKS_SUFFIX)
-        return (load_pipeline(model, device=device, quantize=fmt, quantize_layers="blocks", backend=backend),
-                f"quantized at load ({fmt}, every block Linear)")
-    return load_pipeline(model, device=device, quantize=name, backend=backend), f"quantized at load ({name})"
+                f"ModelOpt export written by qdit quantize ({fmt}{which}), calibrated on {CALIBRATION_PROMPTS} "
+                "training captions")
+    return (load_pipeline(model, device=device, quantize=fmt, quantize_layers=layers, backend=backend),
+            f"quantized at load ({fmt}{which})")
 
 
 def evaluate(model: str | Path | None = None, *, formats: list[tuple[str, Path | None]] | None = None,

@@ -88,18 +88,18 @@ def detect(ckpt: Checkpoint) -> DetectedFormat:
 
 
 def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linears: dict[str, tuple[int, int, bool]],
-             quantize: str | None, *, lora_rank: int = 32, layers: str = "recipe") -> dict[str, LayerQuant]:
+             quantize: str | None, *, lora_rank: int = 32, quantize_layers: str = "recipe") -> dict[str, LayerQuant]:
     """Per-Linear plan: from the checkpoint's config, or from a load-time quantization request covering
-    `layers` (QUANTIZE_LAYERS_CHOICES)."""
-    if layers not in QUANTIZE_LAYERS_CHOICES:
-        raise QditError(f"quantize_layers={layers!r} is not one of {', '.join(QUANTIZE_LAYERS_CHOICES)}")
+    the Linears quantize_layers names (qdit.config.QUANTIZE_LAYERS_CHOICES)."""
+    if quantize_layers not in QUANTIZE_LAYERS_CHOICES:
+        raise QditError(f"quantize_layers={quantize_layers!r} is not one of {', '.join(QUANTIZE_LAYERS_CHOICES)}")
     load_time = quantize is not None and quantize != "none"
-    if layers != "recipe" and not load_time:
+    if quantize_layers != "recipe" and not load_time:
         as_it_is = ("a BF16 checkpoint, run unquantized" if fmt.name == "bf16" else
                     f"{fmt.name} {fmt.quant_algo}: its own quantization config decides its layers")
-        raise QditError(f"quantize_layers={layers!r} picks the Linears qdit quantizes while loading a BF16 "
-                        f"checkpoint, but {ckpt.folder} is loaded as it is ({as_it_is}). Ask for a load-time "
-                        f"format (quantize=fp8, nvfp4, ...) or leave quantize_layers at 'recipe'.")
+        raise QditError(f"quantize_layers={quantize_layers!r} picks the Linears qdit quantizes while loading a "
+                        f"BF16 checkpoint, but {ckpt.folder} is loaded as it is ({as_it_is}). Ask for a load-time "
+                        f"format (quantize=fp8, nvfp4, ...; CLI --quantize) or leave quantize_layers at 'recipe'.")
     if load_time:
         if fmt.name != "bf16":
             raise QditError(
@@ -112,7 +112,7 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         config: dict[str, Any] = dict(ckpt.config)
         plan = {}
         odd = []
-        all_blocks = layers == "blocks" or quantize in ALL_BLOCKS_FORMATS
+        all_blocks = quantize_layers == "blocks" or quantize in ALL_BLOCKS_FORMATS
         for name, (k, n, _) in linears.items():
             if all_blocks:
                 excluded = not name.startswith(tuple(f"{b}." for b in adapter.block_lists))

@@ -59,10 +59,11 @@ class ModelAdapter:
                 raise QditError(f"attention='fp8' is not available for {self.class_name} yet (qdit has no "
                                 f"attention processor of its own for it); use attention='bf16'")
             check_fp8_attention(next(model.parameters()).device, self.class_name)
+        if self.attention_processor is not None:
+            self.attention_processor.check_model(model)
         install_tanh_gelu(model)
         if self.attention_processor is None:
             return
-        self.attention_processor.check_model(model)
         # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
         # set_attn_processor); one processor instance is shared, as set_attn_processor would.
         processor = self.attention_processor(fp8=attention == "fp8")

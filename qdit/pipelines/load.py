@@ -154,9 +154,11 @@ def generate(pipe, prompt: str, *, config: QditConfig | None = None, progress: b
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     report = getattr(pipe.transformer, "qdit_plan", {})
     schemes = sorted({lq.describe() for lq in report.values() if lq.quantized}) or ["bf16"]
+    quantized = sum(lq.quantized for lq in report.values())
     metadata = {
         "prompt": prompt, "seed": str(cfg.seed), "steps": str(cfg.steps),
         "model": adapter.name, "quantization": ",".join(schemes),
+        "quantized_linears": f"{quantized} of {len(report)}",
         "negative_prompt": cfg.negative_prompt or "", "software": "qdit",
     }
     return GenerationResult(images, seconds, seconds / cfg.steps, peak, metadata)

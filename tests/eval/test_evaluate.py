@@ -105,8 +105,9 @@ def test_parse_formats():
         parse_formats("mine=/no/such/folder")
     with pytest.raises(QditError, match="empty"):
         parse_formats(" , ")
-    assert parse_formats("nvfp4+blocks") == [("bf16", None), ("nvfp4+blocks", None)]
-    for bad in ("bf16+blocks", "modelopt-fp8+blocks", "nvfp4+all"):
+    assert parse_formats("nvfp4+blocks,modelopt-fp8+blocks") == [
+        ("bf16", None), ("nvfp4+blocks", None), ("modelopt-fp8+blocks", None)]
+    for bad in ("bf16+blocks", "nvfp4+all", "modelopt-fp9+blocks"):
         with pytest.raises(QditError, match="unknown format"):
             parse_formats(bad)
 

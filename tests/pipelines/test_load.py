@@ -89,6 +89,32 @@ def test_quantize_pipeline_then_generate(folders, tmp_path):
         qdit.load_pipeline(dst, device="cpu", quantize="fp8")
 
 
+def test_quantize_layers_reaches_the_pipeline_transformer(folders, tmp_path, capsys):
+    """quantize_layers="blocks" from the API, the CLI and qdit quantize --pipeline; the PNG metadata and
+    the CLI summary say how many Linears are quantized."""
+    from PIL import Image
+
+    from qdit.cli import main
+
+    pipe = qdit.load_pipeline(folders["flux"], device="cpu", quantize="fp8", quantize_layers="blocks")
+    plan = pipe.transformer.qdit_plan
+    assert plan["single_transformer_blocks.0.proj_out"].quantized
+    count = f"{sum(lq.quantized for lq in plan.values())} of {len(plan)}"
+    assert qdit.generate(pipe, PROMPT, **GEN).metadata["quantized_linears"] == count
+    with pytest.raises(QditError, match="loaded as it is"):  # quantize=auto on a BF16 pipeline
+        qdit.load_pipeline(folders["flux"], device="cpu", quantize_layers="blocks")
+
+    out = tmp_path / "blocks.png"
+    assert main(["generate", "--model", str(folders["flux"]), "--prompt", PROMPT, "--quantize", "fp8",
+                 "--quantize-layers", "blocks", "--steps", "2", "--height", "64", "--width", "64",
+                 "--device", "cpu", "--output", str(out)]) == 0
+    assert f"({count} Linears)" in capsys.readouterr().out
+    assert Image.open(out).text["quantized_linears"] == count
+
+    dst = quantize_pipeline(folders["flux"], tmp_path / "flux-fp8-blocks", "fp8", quantize_layers="blocks")
+    assert "single_transformer_blocks.0.proj_out" not in qdit.inspect(dst)["excluded"]
+
+
 def test_missing_component_folder(folders, tmp_path):
     import shutil
 
