@@ -31,7 +31,7 @@ ATTENTION_CHOICES = ("bf16", "fp8")
 class QditConfig:
     # loading
     quantize: str = "auto"  # auto: as the checkpoint says; none: BF16 checkpoint as is; else quantize at load
-    quantize_layers: str = "recipe"  # with a load-time format: recipe (the producer's layers) or blocks (all block Linears)
+    quantize_layers: str = "recipe"  # with a load-time format: recipe (the producer's layers) or blocks
     backend: str | None = None  # force a kernel backend (default: chosen per layer)
     dtype: str = "bfloat16"  # compute dtype of the pipeline
     text_encoder_fp8: bool = False  # store text-encoder Linear weights in FP8
