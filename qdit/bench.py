@@ -111,14 +111,9 @@ def torchao_fp8(model, adapter, layers: str = "recipe") -> None:
     except ImportError as e:
         raise RuntimeError(f"the torchao_fp8 peer needs torchao installed ({e})") from e
     config = dict(model.config)
-
-    def quantized(name: str) -> bool:
-        if layers == "blocks":
-            return name.startswith(tuple(f"{b}." for b in adapter.block_lists))
-        return not adapter.is_excluded_by_default(name, config)
-
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and quantized(name))
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear)
+              and not adapter.is_kept_in_bf16(name, config, layers))
 
 
 def timed_compile(model, inputs, adapter, peer: bool, mode: str | None) -> float:

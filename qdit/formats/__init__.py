@@ -112,13 +112,9 @@ def plan_for(ckpt: Checkpoint, fmt: DetectedFormat, adapter: ModelAdapter, linea
         config: dict[str, Any] = dict(ckpt.config)
         plan = {}
         odd = []
-        all_blocks = quantize_layers == "blocks" or quantize in ALL_BLOCKS_FORMATS
+        layers = "blocks" if quantize in ALL_BLOCKS_FORMATS else quantize_layers
         for name, (k, n, _) in linears.items():
-            if all_blocks:
-                excluded = not name.startswith(tuple(f"{b}." for b in adapter.block_lists))
-            else:
-                excluded = adapter.is_excluded_by_default(name, config)
-            if excluded:
+            if adapter.is_kept_in_bf16(name, config, layers):
                 plan[name] = UNQUANTIZED
             elif quantize in ALL_BLOCKS_FORMATS and (k % 128 or n % 128):  # SVDQuant's tiles; 4-bit groups of 64
                 plan[name] = UNQUANTIZED

@@ -71,6 +71,13 @@ class ModelAdapter:
             if hasattr(module, "set_processor") and hasattr(module, "processor"):
                 module.set_processor(processor)
 
+    def is_kept_in_bf16(self, layer_name: str, config: dict[str, Any], quantize_layers: str) -> bool:
+        """Whether load-time quantization leaves a Linear in BF16: by the model's recipe
+        (is_excluded_by_default), or with quantize_layers="blocks" when it is outside the repeated blocks."""
+        if quantize_layers == "blocks":
+            return not layer_name.startswith(tuple(f"{b}." for b in self.block_lists))
+        return self.is_excluded_by_default(layer_name, config)
+
     def is_conditioning_linear(self, layer_name: str) -> bool:
         return re.search(self.conditioning_linears, layer_name) is not None
 
