@@ -11,15 +11,13 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
+from qdit.kernels.fp8_scaled_mm import PERSISTENT_ROW_MAX  # widest row a reduction keeps in registers
 from qdit.models import adapter_for_class
 
 # One graph per kind of block and token count: Z-Image alone has three kinds of blocks (noise refiner,
 # caption refiner, main) seeing three sequence lengths, and qdit's NVFP4 route branches on the token
 # count; dynamo's default of 8 recompilations per code object is too few for that.
 RECOMPILE_LIMIT = 64
-
-# Widest row that a row reduction keeps whole in registers (the DiTs' hidden sizes are 3072 and 3840).
-PERSISTENT_ROW_MAX = 4096
 
 
 class PersistentRowReductions(InductorChoices):

@@ -88,11 +88,22 @@ def _(x, scale):
     return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
 
 
+# Widest row that qdit's compile heuristics (qdit.compile.PersistentRowReductions) have inductor reduce
+# with the row held in registers. The DiTs' hidden sizes (3072, 3840) are below it; their MLP hidden
+# (12288, 15360) is above.
+PERSISTENT_ROW_MAX = 4096
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token E4M3 codes and float32 scales [M, 1] of x [M, K]. Under torch.compile: the reference's
-    tensor ops, which inductor fuses into the kernel that produced x (norm + modulation, GELU), so the
-    activation is not read again; eager: one Triton pass."""
-    return numerics.fp8_quantize_per_token(x) if torch.compiler.is_compiling() else fp8_quant_per_token(x)
+    """Per-token E4M3 codes and float32 scales [M, 1] of x [M, K]. Eager: one Triton pass. Under
+    torch.compile, rows up to PERSISTENT_ROW_MAX wide use the reference's tensor ops, which inductor fuses
+    into the kernel that produced x (norm + modulation), so the activation is not read again. Wider rows
+    use the Triton pass too: inductor loops over such a row twice, recomputing the producer (GELU, shift,
+    smoothing) for the second loop, and that kernel took 138 us where the producer's own kernel plus this
+    pass took 99 us (4096 x 12288, H200; benchmarks/kernels/wide_row_quant.py)."""
+    if torch.compiler.is_compiling() and x.shape[-1] <= PERSISTENT_ROW_MAX:
+        return numerics.fp8_quantize_per_token(x)
+    return fp8_quant_per_token(x)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
+from torch._inductor.utils import run_and_get_code
+
 from qdit.kernels import backend_by_name
+from qdit.kernels.fp8_scaled_mm import PERSISTENT_ROW_MAX, quantize_per_token
+from qdit.quant import numerics
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
 
@@ -56,3 +60,20 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(block, fullgraph=True)
     x = torch.randn(33, 256, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(compiled(x), block(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("k", [3072, PERSISTENT_ROW_MAX, 12288])
+def test_compiled_per_token_quantization(k):
+    """Compiled, rows up to PERSISTENT_ROW_MAX wide are quantized by ops inductor fuses into the producer,
+    wider ones by qdit's Triton op (inductor would loop over them twice); both give the reference's scales
+    and codes (within one E4M3 step, from the Triton division) for the same activation."""
+    x = (torch.randn(257, k, device="cuda") * torch.rand(257, 1, device="cuda") * 4).bfloat16()
+    x[5] = 0  # a zero row keeps scale 1
+    (q, s), codes = run_and_get_code(torch.compile(quantize_per_token, fullgraph=True), x)
+    ref_q, ref_s = numerics.fp8_quantize_per_token(x)
+    assert ("qdit.fp8_quant_per_token" in "\n".join(codes)) == (k > PERSISTENT_ROW_MAX)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+    differ = q.view(torch.uint8) != ref_q.view(torch.uint8)
+    assert differ.float().mean().item() < 1e-3
+    step = (q.float() - ref_q.float()).abs() / ref_q.float().abs().clamp_min(2.0**-6)
+    assert step.max().item() <= 0.125
