@@ -236,25 +236,34 @@ def parse_format(fmt: str) -> tuple[str, set[str]]:
     return spec, set(options)
 
 
+def format_model(model_name: str, fmt: str, adapter, device: torch.device, *, batch: int, height: int, width: int,
+                 text_tokens: int) -> tuple[torch.nn.Module, dict, bool]:
+    """The full-size transformer (random weights) of one benchmark format, its step inputs, and whether it
+    is a peer (diffusers BF16, torchao) rather than qdit."""
+    spec, options = parse_format(fmt)
+    peer = spec in ("bf16", "torchao_fp8")
+    layers = "blocks" if "blocks" in options else "recipe"
+    model = random_transformer(model_name, full_size=True, device=device,
+                               quantize=None if peer else spec.removesuffix("_static"),
+                               quantize_layers="recipe" if peer else layers,
+                               diffusers_modules=peer, attention="fp8" if "fp8attn" in options else "bf16")
+    if spec == "torchao_fp8":
+        torchao_fp8(model, adapter, layers)
+    inputs = adapter.example_inputs(dict(model.config), batch=batch, height=height, width=width,
+                                    text_tokens=text_tokens, device=device)
+    if spec.endswith("_static"):
+        calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
+    return model, inputs, peer
+
+
 def bench_format(args, fmt: str, adapter, device: torch.device) -> dict:
     """Load, time and (if asked) compile, graph and profile one format: its results row."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    spec, options = parse_format(fmt)
-    base_fmt = spec.removesuffix("_static")
-    peer = spec in ("bf16", "torchao_fp8")
-    layers = "blocks" if "blocks" in options else "recipe"
-    model = random_transformer(args.model, full_size=True, device=device,
-                               quantize=None if peer else base_fmt, quantize_layers="recipe" if peer else layers,
-                               diffusers_modules=peer, attention="fp8" if "fp8attn" in options else "bf16")
-    if spec == "torchao_fp8":
-        torchao_fp8(model, adapter, layers)
-    inputs = adapter.example_inputs(dict(model.config), batch=args.batch, height=args.height, width=args.width,
-                                    text_tokens=args.text_tokens, device=device)
-    if spec.endswith("_static"):
-        calibrate_static_input_scales(model, lambda m, i: m(**i), [inputs])
+    model, inputs, peer = format_model(args.model, fmt, adapter, device, batch=args.batch, height=args.height,
+                                       width=args.width, text_tokens=args.text_tokens)
     torch.cuda.synchronize()
     row = {"format": fmt, "load_s": round(time.perf_counter() - start, 2),
            "weight_gb": round(weight_bytes(model) / 1e9, 2),
