@@ -36,41 +36,44 @@ if triton is not None:
     @triton.jit
     def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, up_ptr, down_ptr, out_ptr, N, K, RANK,
                            INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-        """BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program, every byte read once:
-        out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n] (+ sum_r up[n, r] * down[r, k])).
-        BLOCK_R > 0 adds a low-rank term (up [N, RANK], down [RANK, K]) on the tensor cores."""
+                           BLOCK_R: tl.constexpr, ROW_TILES: tl.constexpr):
+        """ROW_TILES tiles of BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program, every
+        byte read once: out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n] (+ sum_r up[n, r] * down[r, k])).
+        BLOCK_R > 0 adds a low-rank term (up [N, RANK], down [RANK, K]) on the tensor cores; the program's
+        [RANK, 2*BLOCK_B] slice of `down` is loaded once for its ROW_TILES tiles."""
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)
         kb = K // 2
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
-                         mask=(offs_n < N)[:, None] & (offs_b[None, :] < kb), other=0).to(tl.int32)
         offs_s = pid_b * (BLOCK_B // (GROUP // 2)) + tl.arange(0, BLOCK_B // (GROUP // 2))
-        scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :],
-                        mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
-        row_factor = tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)
-        if not INT4:
-            row_factor = row_factor * E2M1_UNSCALE  # e2m1_fp16_scaled decodes value * 2**-14
-        scale = scale * row_factor[:, None]
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // (GROUP // 2), GROUP // 2)),
-                           (BLOCK_N, BLOCK_B))
-        if INT4:
-            lo, hi = int4_value(packed & 0xF), int4_value(packed >> 4)
-        else:
-            lo, hi = e2m1_fp16_scaled(packed), e2m1_fp16_scaled(packed >> 4)
-        w = tl.reshape(tl.join(lo * scale, hi * scale), (BLOCK_N, 2 * BLOCK_B))  # element 2j from the low nibble
         offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         if BLOCK_R > 0:
             offs_r = tl.arange(0, BLOCK_R)
-            up = tl.load(up_ptr + offs_n[:, None] * RANK + offs_r[None, :],
-                         mask=(offs_n < N)[:, None] & (offs_r < RANK)[None, :], other=0.0)
             down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :],
                            mask=(offs_r < RANK)[:, None] & (offs_k < K)[None, :], other=0.0)
-            w += tl.dot(up, down)
-        w = tl.clamp(w, -448.0, 448.0)
-        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
-                 mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
+        for t in range(ROW_TILES):
+            offs_n = (pid_n * ROW_TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            packed = tl.load(w_ptr + offs_n[:, None] * kb + offs_b[None, :],
+                             mask=(offs_n < N)[:, None] & (offs_b[None, :] < kb), other=0).to(tl.int32)
+            scale = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_s[None, :],
+                            mask=(offs_n < N)[:, None] & (offs_s[None, :] < K // GROUP), other=0.0).to(tl.float32)
+            row_factor = tl.load(rf_ptr + offs_n, mask=offs_n < N, other=0.0)
+            if not INT4:
+                row_factor = row_factor * E2M1_UNSCALE  # e2m1_fp16_scaled decodes value * 2**-14
+            scale = scale * row_factor[:, None]
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_B // (GROUP // 2), GROUP // 2)),
+                               (BLOCK_N, BLOCK_B))
+            if INT4:
+                lo, hi = int4_value(packed & 0xF), int4_value(packed >> 4)
+            else:
+                lo, hi = e2m1_fp16_scaled(packed), e2m1_fp16_scaled(packed >> 4)
+            w = tl.reshape(tl.join(lo * scale, hi * scale), (BLOCK_N, 2 * BLOCK_B))  # element 2j: low nibble
+            if BLOCK_R > 0:
+                up = tl.load(up_ptr + offs_n[:, None] * RANK + offs_r[None, :],
+                             mask=(offs_n < N)[:, None] & (offs_r < RANK)[None, :], other=0.0)
+                w += tl.dot(up, down)
+            w = tl.clamp(w, -448.0, 448.0)
+            tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
+                     mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
 
 
 def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
@@ -80,22 +83,24 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     group = k // scales.shape[1]
     low_rank = lr_up is not None
     kind = ("low_rank" if n * k > LOW_RANK_LARGE else "low_rank_small") if low_rank else "int4" if int4 else "nvfp4"
-    block_n, block_b, warps = tiles or EXPAND_TILES[kind]
+    block_n, block_b, warps, row_tiles = tiles or EXPAND_TILES[kind]
     rank = lr_up.shape[1] if low_rank else 0
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
+    grid = (triton.cdiv(n, block_n * row_tiles), triton.cdiv(k // 2, block_b))
     _expand_fp8_kernel[grid](weight, scales, row_factor, lr_up, lr_down, out, n, k, rank, INT4=int4,
                              GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b,
-                             BLOCK_R=max(16, triton.next_power_of_2(rank)) if low_rank else 0, num_warps=warps)
+                             BLOCK_R=max(16, triton.next_power_of_2(rank)) if low_rank else 0,
+                             ROW_TILES=row_tiles, num_warps=warps)
     return out
 
 
-# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps: the best or within 4 % of the best on
+# BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps, row tiles per program: the best or within 4 % of the best on
 # Qwen-Image's shapes in an H200 sweep, 1.3-2.4 TB/s read + written
 # (benchmarks/results/h200-2026-12-03b/expand-variants.txt). With a low-rank term each program also reads
 # a [rank, 2 * BLOCK_B] slice of `down`: on 3072 x 12288 and 12288 x 3072 taller tiles, which read it fewer
 # times, were fastest (36.7-38.2 us, rank 32), on 3072 x 3072 the (16, 256, 4) tiles (17.4 us vs 23.3)
 # (tl.dot needs BLOCK_N >= 16; benchmarks/kernels/expand_low_rank.py, h200-2026-12-03d/run1).
-EXPAND_TILES = {"nvfp4": (8, 256, 4), "int4": (8, 256, 4), "low_rank": (64, 64, 8), "low_rank_small": (16, 256, 4)}
+EXPAND_TILES = {"nvfp4": (8, 256, 4, 1), "int4": (8, 256, 4, 1), "low_rank": (64, 64, 8, 1),
+                "low_rank_small": (16, 256, 4, 1)}
 LOW_RANK_LARGE = 3072 * 3072 * 2  # weights above this many elements take the "low_rank" tiles
 
 
