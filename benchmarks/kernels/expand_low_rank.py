@@ -31,6 +31,7 @@ def main() -> None:
              f"flushed); default tiles {k4.EXPAND_TILES}", "",
              "| codes | N x K | plain expansion | branch GEMMs + add | " + " | ".join(f"low-rank {t}" for t in TILES) + " |",
              "|---|---|---|---|" + "---|" * len(TILES)]
+    totals: dict[str, dict[tuple, float]] = {}  # EXPAND_TILES kind -> tiles -> summed us over its shapes
     for (n, k), int4 in itertools.product(SHAPES, (False, True)):
         packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
         scales = (torch.rand(n, k // (64 if int4 else 16), device="cuda") + 0.1).to(
@@ -44,13 +45,20 @@ def main() -> None:
         branch = do_bench(lambda: y + (x @ down.t()) @ up.t()) * 1e3
         reference = k4._expand_fp8(packed, scales, row_factor, int4, up, down).float()
         cells = []
+        kind = "low_rank" if n * k > k4.LOW_RANK_LARGE else "low_rank_small"
         for tiles in TILES:
             out = k4._expand_fp8(packed, scales, row_factor, int4, up, down, tiles=tiles).float()
             mismatch = (out != reference).float().mean().item()
             us = do_bench(lambda: k4._expand_fp8(packed, scales, row_factor, int4, up, down, tiles=tiles)) * 1e3
             cells.append(f"{us:.1f}" + (f" (differs: {mismatch:.1e})" if mismatch > 1e-3 else ""))
+            if mismatch <= 1e-3:
+                totals.setdefault(kind, {}).setdefault(tiles, 0.0)
+                totals[kind][tiles] += us
         lines.append(f"| {'int4' if int4 else 'nvfp4'} | {n} x {k} | {plain:.1f} | {branch:.1f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    best = {kind: min(times, key=times.get) for kind, times in totals.items()}
+    lines += ["", "Fastest tiles per EXPAND_TILES kind (summed over its shapes, NVFP4 and INT4): "
+              + ", ".join(f"{kind} {tiles} {totals[kind][tiles]:.1f} us" for kind, tiles in best.items())]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
