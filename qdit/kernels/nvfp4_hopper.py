@@ -96,11 +96,15 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
 # BLOCK_N, BLOCK_B (a multiple of the group's bytes), warps, row tiles per program: the best or within 4 % of the best on
 # Qwen-Image's shapes in an H200 sweep, 1.3-2.4 TB/s read + written
 # (benchmarks/results/h200-2026-12-03b/expand-variants.txt). With a low-rank term each program also reads
-# a [rank, 2 * BLOCK_B] slice of `down`: on 3072 x 12288 and 12288 x 3072 taller tiles, which read it fewer
-# times, were fastest (36.7-38.2 us, rank 32), on 3072 x 3072 the (16, 256, 4) tiles (17.4 us vs 23.3)
-# (tl.dot needs BLOCK_N >= 16; benchmarks/kernels/expand_low_rank.py, h200-2026-12-03d/run1).
+# a [rank, 2 * BLOCK_B] slice of `down`. In the H200 sweep of 2026-12-05 (rank 32,
+# benchmarks/results/h200-2026-12-05/run3-expand-low-rank.txt, benchmarks/kernels/expand_low_rank.py) the
+# (64, 64, 8, 1) tiles were the fastest summed over each kind's shapes: 163.7 us over the four 3072 x 12288 /
+# 12288 x 3072 weights (NVFP4 and INT4), 29.7 us over the two 3072 x 3072 ones (33.7 with (16, 256, 4, 1),
+# the best in an earlier sweep). No tiling with several row tiles per program, which read `down` fewer
+# times, was the fastest on any shape: re-reading `down` is not what bounds this kernel.
+# (tl.dot needs BLOCK_N >= 16.)
 EXPAND_TILES = {"nvfp4": (8, 256, 4, 1), "int4": (8, 256, 4, 1), "low_rank": (64, 64, 8, 1),
-                "low_rank_small": (16, 256, 4, 1)}
+                "low_rank_small": (64, 64, 8, 1)}
 LOW_RANK_LARGE = 3072 * 3072 * 2  # weights above this many elements take the "low_rank" tiles
 
 
