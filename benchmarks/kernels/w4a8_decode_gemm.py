@@ -1,7 +1,7 @@
 """An experiment, rejected (benchmarks/results/rejected/w4a8-decode-gemm/): a W4A8 GEMM that decodes the
 packed 4-bit weight into FP8 in its main loop, against qdit's W4A8 route (FP8 expansion of the whole
 weight + cuBLASLt, qdit.kernels.nvfp4_hopper) at a few hundred rows (the text stream), where the
-expansion costs more than the GEMM it feeds. Qwen-Image's linear shapes, with a rank-32 low-rank term
+expansion is a large share of the route's time. Qwen-Image's linear shapes, with a rank-32 low-rank term
 (SVDQuant) and without (NVFP4), over a tile sweep; each output is checked against the expansion route's.
 
 The kernel decodes with the expansion's formula and rounding and computes its tile transposed ([N, M]),
@@ -93,15 +93,13 @@ def _w4a8_decode_gemm_kernel(x_ptr, sa_ptr, w_ptr, s_ptr, rf_ptr, rs_ptr, up_ptr
         tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-
-
-# BLOCK_N, BLOCK_M (the most rows one program covers), warps, stages, programs per SM for the split-K plan.
+# The tiles the kernel was first written with (reported beside the fastest in the sweep).
 DEFAULT_TILES = (64, 256, 8, 3, 1)
 
 
 def even_split(steps: int, tiles: int, per_sm: int, device: torch.device) -> int:
-    """K splits (dividing the steps evenly) that give each SM about per_sm programs, where the output
-    tiles alone would leave most of the GPU idle."""
+    """K splits that give each SM about per_sm programs, as qdit.kernels.w4_gemv.split_k_plan plans them,
+    but dividing the steps evenly: the kernel's K loop has no bound check."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(steps, triton.cdiv(per_sm * sms, tiles)))
     while steps % splits:
@@ -114,7 +112,7 @@ def decode_gemm(xq: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, s
                 lr_down: torch.Tensor | None, out_dtype: torch.dtype, tiles=DEFAULT_TILES) -> torch.Tensor:
     m, k = xq.shape
     n = weight.shape[0]
-    xq, scale_a = xq.contiguous(), scale_a.reshape(-1).contiguous()  # no-ops for what qdit passes
+    xq, scale_a = xq.contiguous(), scale_a.reshape(-1).contiguous()  # the kernel indexes both by row
     block_n, block_m, warps, stages, per_sm = tiles
     block_m = max(16, min(block_m, triton.next_power_of_2(m)))
     splits = even_split(k // 64, triton.cdiv(m, block_m) * triton.cdiv(n, block_n), per_sm, xq.device)
@@ -172,7 +170,7 @@ def main():
         for tiles in TILES:
             def decode_route():
                 return decode_gemm(xq, scale_a, packed, scales, row_factor, row_scale, int4, up, down,
-                                      torch.bfloat16, tiles=tiles)
+                                   torch.bfloat16, tiles=tiles)
             err = ((decode_route().float() - reference).norm() / reference.norm()).item()
             us = do_bench(decode_route, return_mode="median") * 1e3
             ok = err < 1e-2
