@@ -19,7 +19,7 @@ log = logging.getLogger("qdit")
 
 def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      backend: str | None = None, quantize: str | None = None, quantize_layers: str = "recipe",
-                     attention: str = "bf16") -> torch.nn.Module:
+                     attention: str = "bf16", weights_4bit: str = "packed") -> torch.nn.Module:
     """Load a diffusers DiT transformer with qdit's quantized layers.
 
     path: a transformer folder (config.json + safetensors) or a pipeline folder (model_index.json).
@@ -30,6 +30,9 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
         recipe keeps some large layers in BF16) or "blocks" (every Linear of the repeated blocks).
     backend: force a kernel backend by name (default: the best one for the device, per layer).
     attention: "bf16" (diffusers' attention) or "fp8" (cuDNN's FP8 attention: Qwen-Image, Z-Image, FLUX).
+    weights_4bit: "packed" or "expanded_fp8": on GPUs that multiply 4-bit layers as FP8 (Hopper, Ada),
+        keep the 4-bit codes and expand per call (least memory) or expand once at load (faster; an FP8
+        checkpoint's memory).
     """
     device = torch.device(device)
     ckpt = open_checkpoint(path)
@@ -40,7 +43,7 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
     source = formats.loading_source(ckpt, fmt, linears)
     plan = formats.plan_for(source, fmt, adapter, linears, quantize, quantize_layers=quantize_layers)
     model, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
-                              quantize_from_full=quantize not in (None, "none"))
+                              quantize_from_full=quantize not in (None, "none"), weights_4bit=weights_4bit)
     log.info("loaded %s (%s%s) in %.1f s: %d tensors, backends %s", ckpt.folder, fmt.name,
              f" {fmt.quant_algo}" if fmt.quant_algo else "", report.seconds, report.tensors_read, report.backends)
     adapter.install_compile_friendly_modules(model, attention=attention)
@@ -52,13 +55,14 @@ def load_transformer(path: str | os.PathLike, *, device: str | torch.device = "c
 def random_transformer(model: str, *, full_size: bool = False, config: dict[str, Any] | None = None,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                        backend: str | None = None, quantize: str | None = None, quantize_layers: str = "recipe",
-                       seed: int = 0, diffusers_modules: bool = False, attention: str = "bf16") -> torch.nn.Module:
+                       seed: int = 0, diffusers_modules: bool = False, attention: str = "bf16",
+                       weights_4bit: str = "packed") -> torch.nn.Module:
     """A transformer with seeded random weights, built and quantized exactly as a checkpoint load would be.
 
     model: an adapter name ("qwen-image", "flux", "z-image"); full_size picks the published config,
     otherwise the tiny one, unless `config` is given. diffusers_modules keeps diffusers' own attention
-    processors and activations (the benchmark's diffusers peers) instead of qdit's; quantize_layers and
-    attention as for load_transformer.
+    processors and activations (the benchmark's diffusers peers) instead of qdit's; quantize_layers,
+    attention and weights_4bit as for load_transformer.
     """
     adapter = adapter_by_name(model)
     device = torch.device(device)
@@ -69,7 +73,7 @@ def random_transformer(model: str, *, full_size: bool = False, config: dict[str,
     plan = formats.plan_for(source, fmt, adapter, linear_layers(skeleton), quantize,
                             quantize_layers=quantize_layers)
     model_, report = load_into(skeleton, source, plan, dtype=dtype, device=device, backend=backend,
-                               quantize_from_full=quantize not in (None, "none"))
+                               quantize_from_full=quantize not in (None, "none"), weights_4bit=weights_4bit)
     if not diffusers_modules:
         adapter.install_compile_friendly_modules(model_, attention=attention)
     model_.qdit_load_report = report

@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bf16 = diffusers' own model; <fmt>_static = quantized at load, then activation "
                              "scales calibrated on the step's inputs (a ModelOpt export's layout); <fmt>+fp8attn = "
                              "with FP8 attention; <fmt>+blocks = every block Linear quantized, not the recipe's "
-                             "(torchao_fp8+blocks likewise)")
+                             "(torchao_fp8+blocks likewise); <fmt>+expanded = 4-bit weights expanded to FP8 at load")
     parser.add_argument("--compile", default="all", help="formats also timed compiled ('all' or a list)")
     parser.add_argument("--reference-forward", default="",
                         help="formats whose reference-backend forward is timed once (smoke test)")
@@ -216,14 +216,15 @@ def run_one(args, height: int, width: int, batch: int) -> None:
     write_results(args, rows, run_meta(args))
 
 
-FORMAT_OPTIONS = ("fp8attn", "blocks")
+FORMAT_OPTIONS = ("fp8attn", "blocks", "expanded")
 
 
 def parse_format(fmt: str) -> tuple[str, set[str]]:
     """"<format>[_static][+option...]" -> (format, options). "_static": quantized at load, then activation
     scales calibrated on the step's inputs (the layout of a ModelOpt export with static input_scale).
     Options: "fp8attn", FP8 attention; "blocks", quantize_layers="blocks" (every block Linear, not the
-    recipe's). The peers take "blocks" only (torchao then quantizes the same Linears)."""
+    recipe's); "expanded", weights_4bit="expanded_fp8" (4-bit weights expanded to FP8 once, at load).
+    The peers take "blocks" only (torchao then quantizes the same Linears)."""
     spec, *options = fmt.split("+")
     unknown = [o for o in options if o not in FORMAT_OPTIONS]
     if unknown:
@@ -246,7 +247,8 @@ def format_model(model_name: str, fmt: str, adapter, device: torch.device, *, ba
     model = random_transformer(model_name, full_size=True, device=device,
                                quantize=None if peer else spec.removesuffix("_static"),
                                quantize_layers="recipe" if peer else layers,
-                               diffusers_modules=peer, attention="fp8" if "fp8attn" in options else "bf16")
+                               diffusers_modules=peer, attention="fp8" if "fp8attn" in options else "bf16",
+                               weights_4bit="expanded_fp8" if "expanded" in options else "packed")
     if spec == "torchao_fp8":
         torchao_fp8(model, adapter, layers)
     inputs = adapter.example_inputs(dict(model.config), batch=batch, height=height, width=width,

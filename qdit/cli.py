@@ -86,7 +86,8 @@ def cmd_generate(args) -> int:
                  "width": args.width, "num_images": args.num_images,
                  "negative_prompt": args.negative_prompt, "text_encoder_fp8": args.text_encoder_fp8 or None,
                  "vae_fp8": args.vae_fp8 or None, "compile": args.compile or None,
-                 "cuda_graph": args.cuda_graph or None, "attention": args.attention}
+                 "cuda_graph": args.cuda_graph or None, "attention": args.attention,
+                 "weights_4bit": args.weights_4bit}
     if args.model is None:
         from qdit.eval.evaluate import SHIPPED_MODEL
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES, QUANTIZE_LAYERS_CHOICES
+    from qdit.config import ATTENTION_CHOICES, QUANTIZE_CHOICES, QUANTIZE_LAYERS_CHOICES, WEIGHTS_4BIT_CHOICES
     from qdit.formats import LOAD_TIME_FORMATS
 
     p = sub.add_parser("quantize", help="quantize a BF16 transformer and write it in ModelOpt's export layout")
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
     p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
                    help="fp8: cuDNN's FP8 attention (Hopper/Blackwell; Qwen-Image, Z-Image and FLUX)")
+    p.add_argument("--weights-4bit", default=None, choices=WEIGHTS_4BIT_CHOICES,
+                   help="4-bit layers multiplied as FP8 (Hopper, Ada): packed = 4-bit codes resident, expanded per "
+                        "call (least memory); expanded_fp8 = expanded once at load (faster, FP8-sized weights)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the transformer's forward from CUDA graphs (GPU): no per-kernel launch cost")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -25,6 +25,10 @@ QUANTIZE_CHOICES = ("auto", "none", "fp8", "fp8_per_channel", "nvfp4", "w4a16_nv
 QUANTIZE_LAYERS_CHOICES = ("recipe", "blocks")
 DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION_CHOICES = ("bf16", "fp8")
+# How 4-bit layers that a GPU multiplies as FP8 (Hopper and Ada have no FP4 tensor cores) keep their weight:
+# "packed" (4-bit codes resident, expanded to FP8 on every call: least memory) or "expanded_fp8" (expanded
+# once at load, codes released: an FP8 checkpoint's memory, no expansion per call).
+WEIGHTS_4BIT_CHOICES = ("packed", "expanded_fp8")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class QditConfig:
     compile: bool = False  # torch.compile each repeated transformer block (fullgraph)
     cuda_graph: bool = False  # replay the transformer's forward from CUDA graphs (GPU; one capture per shape)
     attention: str = "bf16"  # fp8: cuDNN's FP8 attention in the transformer (Qwen-Image, Z-Image, FLUX)
+    weights_4bit: str = "packed"  # packed or expanded_fp8 (see WEIGHTS_4BIT_CHOICES)
     # generation
     steps: int = 20
     guidance: float | None = None  # None: the pipeline's default
@@ -56,6 +61,8 @@ class QditConfig:
                             f"{', '.join(QUANTIZE_LAYERS_CHOICES)}")
         if self.attention not in ATTENTION_CHOICES:
             raise QditError(f"config: attention={self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if self.weights_4bit not in WEIGHTS_4BIT_CHOICES:
+            raise QditError(f"config: weights_4bit={self.weights_4bit!r} is not one of {', '.join(WEIGHTS_4BIT_CHOICES)}")
         if self.dtype not in DTYPES:
             raise QditError(f"config: dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("steps", "height", "width", "num_images"):

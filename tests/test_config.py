@@ -20,7 +20,8 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("text,match", [("quantize: int3\n", "quantize"), ("steps: 0\n", "steps"),
                                         ("height: 100\n", "multiples of 16"), ("- a\n- b\n", "mapping"),
-                                        ("a: [\n", "not valid YAML")])
+                                        ("a: [\n", "not valid YAML"),
+                                        ("weights_4bit: fp4\n", "weights_4bit='fp4' is not one of packed, expanded_fp8")])
 def test_bad_values(tmp_path, text, match):
     f = tmp_path / "c.yaml"
     f.write_text(text)
@@ -53,3 +54,14 @@ def test_quantize_layers_from_yaml_and_cli(tmp_path):
     assert QditConfig().quantize_layers == "recipe"
     args = build_parser().parse_args(["generate", "--quantize", "fp8", "--quantize-layers", "blocks"])
     assert args.quantize_layers == "blocks"
+
+
+def test_weights_4bit_from_yaml_and_cli(tmp_path):
+    from qdit.cli import build_parser
+
+    f = tmp_path / "c.yaml"
+    f.write_text("quantize: nvfp4\nweights_4bit: expanded_fp8\n")
+    assert QditConfig.from_yaml(f).weights_4bit == "expanded_fp8"
+    assert QditConfig().weights_4bit == "packed"
+    args = build_parser().parse_args(["generate", "--weights-4bit", "expanded_fp8"])
+    assert args.weights_4bit == "expanded_fp8"

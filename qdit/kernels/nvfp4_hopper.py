@@ -122,15 +122,22 @@ def _(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
 
 
-def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0,
+def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch.Tensor | float = 1.0,
                        low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The W4A8 route's buffers for a layer whose dequantized weight (layer.method.dequantize) is
-    decoded code * group scale * factor[n]: its per-row FP8 scale and the factor mapping the
-    group-scaled codes onto it.
+    decoded code * group scale * factor[n], its packed codes and group scales being the tensors named
+    `codes` and `scales`: its per-row FP8 scale and the factor mapping the group-scaled codes onto it.
 
     low_rank: (down [r, K], up [N, r]) of a low-rank branch that reads the same input as the 4-bit
     weight. It is folded into the expansion (FP8 weight = e4m3((W + up @ down) / row_scale), the row
-    scale covering the sum), so the branch costs no GEMMs of its own and its output no extra pass."""
+    scale covering the sum), so the branch costs no GEMMs of its own and its output no extra pass.
+
+    With layer.expand_fp8_at_load the FP8 weight is expanded here, once, and the packed codes and
+    scales are released: the memory of an FP8 checkpoint instead of a 4-bit one, no expansion per call;
+    the FP8 weight is the one every call would have expanded. A layer prepared again after that (static
+    activation scales calibrated after loading) keeps it."""
+    if codes in layer.released:
+        return
     weight = layer.method.dequantize(layer)
     if low_rank is not None:
         down, up = low_rank
@@ -144,13 +151,27 @@ def prepare_w4a8_route(layer, factor: torch.Tensor | float = 1.0,
     if low_rank is not None:
         lr_up = (up.float() / row_scale[:, None]).to(layer.compute_dtype).contiguous()
         lr_down = down.to(layer.compute_dtype).contiguous()
+    layer.w4a8_codes, layer.w4a8_int4 = (codes, scales), int4
     layer.register_buffer("w4a8_lr_up", lr_up, persistent=False)
     layer.register_buffer("w4a8_lr_down", lr_down, persistent=False)
+    layer.register_buffer("w4a8_weight", None, persistent=False)
+    if layer.expand_fp8_at_load:
+        layer.w4a8_weight = w4a8_weight(layer)
+        layer.w4a8_lr_up = layer.w4a8_lr_down = None
+        layer.release(codes, scales)
 
 
-def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int4: bool,
-              input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """xs [M, K] quantized to FP8, times the 4-bit weight expanded into FP8 (no bias). Activation scales:
+def w4a8_weight(layer) -> torch.Tensor:
+    """The layer's FP8 weight [N, K]: the one expanded at load, or expanded now from the packed codes."""
+    if layer.w4a8_weight is not None:
+        return layer.w4a8_weight
+    codes, scales = layer.w4a8_codes
+    return w4_expand_fp8(layer.tensor(codes), layer.tensor(scales), layer.w4a8_row_factor, layer.w4a8_int4,
+                         layer.w4a8_lr_up, layer.w4a8_lr_down)
+
+
+def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [M, K] quantized to FP8, times the layer's 4-bit weight as FP8 (no bias). Activation scales:
     per token, or input_scale (a calibrated per-tensor FP8 scale) where the layer has one, which keeps the
     quantization elementwise. Under torch.compile it is plain tensor ops, fused into the kernel that
     produced xs."""
@@ -159,8 +180,8 @@ def w4a8_gemm(layer, xs: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     else:
         xq = quantize_static(xs, input_scale)
         scale_a = input_scale.reshape(1, 1).expand(xs.shape[0], 1).contiguous()  # cuBLASLt row-wise: [M, 1]
-    w8 = w4_expand_fp8(weight, scales, layer.w4a8_row_factor, int4, layer.w4a8_lr_up, layer.w4a8_lr_down)
-    return torch._scaled_mm(xq, w8.t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale, out_dtype=xs.dtype)
+    return torch._scaled_mm(xq, w4a8_weight(layer).t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale,
+                            out_dtype=xs.dtype)
 
 
 class NVFP4HopperBackend:
@@ -182,7 +203,7 @@ class NVFP4HopperBackend:
         # ModelOpt's low-rank branch reads the smoothed input, as the 4-bit weight does.
         low_rank = (layer.tensor("svdquant_lora_a"), layer.tensor("svdquant_lora_b")) \
             if layer.layer_quant.lora_rank else None
-        prepare_w4a8_route(layer, tensor_scale, low_rank)
+        prepare_w4a8_route(layer, "weight", "weight_scale", int4=False, factor=tensor_scale, low_rank=low_rank)
         layer.register_buffer("gemv_global_scale", tensor_scale.reshape(1).contiguous(), persistent=False)
         # A calibrated NVFP4 input_scale is amax / (6 * 448): amax / 448 is the FP8 scale with the same
         # saturation point as the format's own W4A4 quantization.
@@ -196,13 +217,13 @@ class NVFP4HopperBackend:
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         xs = x2d * layer.smooth if layer.smooth is not None else x2d
-        weight, block_scale = layer.tensor("weight"), layer.tensor("weight_scale")
-        if x2d.shape[0] <= GEMV_MAX_M:
-            y = nvfp4_gemv(xs, weight, block_scale, layer.gemv_global_scale, layer.bias)
+        if x2d.shape[0] <= GEMV_MAX_M and layer.w4a8_weight is None:
+            y = nvfp4_gemv(xs, layer.tensor("weight"), layer.tensor("weight_scale"), layer.gemv_global_scale,
+                           layer.bias)
             if layer.layer_quant.lora_rank:
                 y = y + (xs @ layer.w4a8_lr_down.t()) @ layer.tensor("svdquant_lora_b").t()
-        else:  # the low-rank branch is folded into the expanded weight
-            y = w4a8_gemm(layer, xs, weight, block_scale, int4=False, input_scale=layer.w4a8_input_scale)
+        else:  # the low-rank branch is folded into the FP8 weight
+            y = w4a8_gemm(layer, xs, input_scale=layer.w4a8_input_scale)
             if layer.bias is not None:
                 y = y + layer.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

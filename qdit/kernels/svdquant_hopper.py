@@ -195,7 +195,7 @@ class SVDQuantHopperBackend:
             layer.register_buffer("proj_down_t", layer.tensor("proj_down").to(dtype).contiguous(), persistent=False)
             return
         # W4A8. INT4 weight = code * wscales; NVFP4 weight = e2m1 * wscales * wtscale * wcscales[n].
-        factor = torch.ones((), device=layer.tensor("qweight").device)
+        factor = torch.ones((), device=layer.tensor("smooth_factor").device)
         if lq.wtscale:
             factor = factor * layer.tensor("wtscale").float()
         if lq.wcscales:
@@ -204,7 +204,8 @@ class SVDQuantHopperBackend:
         # Rewritten on xs, the branch folds into the expanded weight (down scaled by smooth) and a bias.
         smooth = layer.tensor("smooth_factor").float()
         proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
-        prepare_w4a8_route(layer, factor, low_rank=((proj_down * smooth[:, None]).t(), proj_up))
+        prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4, factor=factor,
+                           low_rank=((proj_down * smooth[:, None]).t(), proj_up))
         bias = layer.bias.float() if layer.bias is not None else None
         if lq.gelu_shift:
             shift_term = GELU_SHIFT * (proj_up @ proj_down.sum(0))
@@ -229,7 +230,7 @@ class SVDQuantHopperBackend:
             return y.reshape(*x.shape[:-1], y.shape[-1])
         xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth  # the shift: INT4 layers only
         # The low-rank branch is folded into the expanded weight, its GELU-shift term into w4a8_bias.
-        y = w4a8_gemm(layer, xs, layer.tensor("qweight"), layer.tensor("wscales"), int4=lq.scheme is Scheme.SVDQ_INT4)
+        y = w4a8_gemm(layer, xs)
         if layer.w4a8_bias is not None:
             y = y + layer.w4a8_bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

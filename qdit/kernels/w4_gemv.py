@@ -22,7 +22,7 @@ from qdit.kernels.w4_codes import E2M1_FP16_UNSCALE
 if triton is not None:
     import triton.language as tl
 
-    from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled
+    from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled, uint4_value
 
 # Rows up to which the GEMV runs; NVFP4 layers above it take the W4A8 route, AWQ layers the tensor-core
 # kernel. The GEMV is bound by decoding (with the same bytes read, a decode of fewer instructions ran
@@ -56,7 +56,7 @@ if triton is not None:
                          mask=bmask[:, None], other=0.0)
             x_even, x_odd = tl.split(x2.to(tl.float32))  # element 2b from the low nibble of byte b
             if AWQ:
-                p = (packed & 0xF).to(tl.float32) * x_even[None, :] + (packed >> 4).to(tl.float32) * x_odd[None, :]
+                p = uint4_value(packed) * x_even[None, :] + uint4_value(packed >> 4) * x_odd[None, :]
             else:
                 p = e2m1_fp16_scaled(packed) * x_even[None, :] + e2m1_fp16_scaled(packed >> 4) * x_odd[None, :]
             offs_g = b0 // group_bytes + tl.arange(0, BLOCK_B // group_bytes)
@@ -95,8 +95,9 @@ if triton is not None:
                              other=0)
             scale = tl.load(s_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
             zero = tl.load(z_ptr + offs_n * groups + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            w_even = ((packed & 15).to(tl.float32) * scale + zero).to(tl.bfloat16)
-            w_odd = ((packed >> 4).to(tl.float32) * scale + zero).to(tl.bfloat16)
+            codes = packed.to(tl.int32)
+            w_even = (uint4_value(codes) * scale + zero).to(tl.bfloat16)
+            w_odd = (uint4_value(codes >> 4) * scale + zero).to(tl.bfloat16)
             x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :], mask=mmask[:, None],
                              other=0.0)
             x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 64 + 2 * offs_j[None, :] + 1,

@@ -18,12 +18,13 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from qdit.errors import CheckpointError
+from qdit.config import WEIGHTS_4BIT_CHOICES
+from qdit.errors import CheckpointError, QditError
 from qdit.formats.checkpoint import Checkpoint
 from qdit.kernels import BackendSelector
 from qdit.models.base import ModelAdapter
 from qdit.quant.layer import QuantLinear, SplitKLinear
-from qdit.quant.scheme import LayerQuant
+from qdit.quant.scheme import FOUR_BIT_SCHEMES, LayerQuant
 
 log = logging.getLogger("qdit.loading")
 
@@ -230,19 +231,34 @@ def _check_complete(model: nn.Module, filled: set[str], ckpt: Checkpoint) -> Non
             hint="the checkpoint is incomplete or its quantization_config does not match its tensors")
 
 
-def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | None) -> tuple[dict, dict]:
+def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | None,
+                        weights_4bit: str = "packed") -> tuple[dict, dict]:
     """Post-process every QuantLinear, choose and prepare its backend; one summary warning for repairs."""
+    if weights_4bit not in WEIGHTS_4BIT_CHOICES:
+        raise QditError(f"weights_4bit={weights_4bit!r} is not one of {', '.join(WEIGHTS_4BIT_CHOICES)}")
     selector = BackendSelector(device, backend)
     repairs: dict[str, int] = defaultdict(int)
     chosen: dict[str, int] = defaultdict(int)
+    kept_packed: dict[str, int] = defaultdict(int)
     for module in model.modules():
         if not isinstance(module, QuantLinear):
             continue
         for what, n in module.method.process_after_loading(module).items():
             repairs[what] += n
         module.backend = selector.select(module.name, module.layer_quant, module.in_features, module.out_features)
+        expand = weights_4bit == "expanded_fp8" and module.layer_quant.scheme in FOUR_BIT_SCHEMES
+        module.expand_fp8_at_load = expand
         module.backend.prepare(module)
         chosen[module.backend.name] += 1
+        if expand and not module.released:
+            kept_packed[f"{module.layer_quant.scheme.value} on {module.backend.name}"] += 1
+    if kept_packed:
+        # Not an error: AWQ W4A16 layers (a GEMV at batch size rows) and the reference and exact backends
+        # compute from the codes themselves.
+        log.log(logging.WARNING if device.type == "cuda" else logging.INFO,
+                "weights_4bit='expanded_fp8': %s layer(s) keep their packed 4-bit weights, their backend computing "
+                "from the codes (%s)", sum(kept_packed.values()),
+                ", ".join(f"{n} {what}" for what, n in sorted(kept_packed.items())))
     if repairs.get("e4m3_nan_scale_bytes"):
         log.warning("%d float8_e4m3fn scale byte(s) held NaN (0x7F/0xFF) and were clamped to 448 (0x7E); "
                     "the checkpoint was exported by a ModelOpt version that cast block scales without saturation",
@@ -251,13 +267,14 @@ def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | N
 
 
 def load_into(model: nn.Module, ckpt, plan: dict[str, LayerQuant], *, dtype: torch.dtype,
-              device: torch.device, backend: str | None, quantize_from_full: bool) -> tuple[nn.Module, LoadReport]:
+              device: torch.device, backend: str | None, quantize_from_full: bool,
+              weights_4bit: str = "packed") -> tuple[nn.Module, LoadReport]:
     """Fill `model` (from build_skeleton, planned with `plan`) from `ckpt`; returns it ready to run."""
     start = time.perf_counter()
     install_quant_layers(model, plan, dtype)
     count = fill_from_checkpoint(model, ckpt, dtype=dtype, device=device, quantize_from_full=quantize_from_full)
     model.to(device)  # buffers derived at construction (e.g. rotary tables)
-    repairs, chosen = finish_quant_layers(model, device, backend)
+    repairs, chosen = finish_quant_layers(model, device, backend, weights_4bit)
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

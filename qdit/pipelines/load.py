@@ -82,7 +82,8 @@ def load_pipeline(path: str | os.PathLike, *, device: str | torch.device | None 
     transformer_folder = Path(transformer) if transformer is not None else folder / "transformer"
     transformer_model = load_transformer(transformer_folder, device=device, dtype=cfg.torch_dtype, backend=cfg.backend,
                                          quantize=_transformer_quantize(cfg, transformer_folder),
-                                         quantize_layers=cfg.quantize_layers, attention=cfg.attention)
+                                         quantize_layers=cfg.quantize_layers, attention=cfg.attention,
+                                         weights_4bit=cfg.weights_4bit)
     pipeline_cls = getattr(diffusers, index.get("_class_name", ""), None)
     if pipeline_cls is None:
         raise CheckpointError("model_index.json names a pipeline class diffusers does not have",

@@ -50,6 +50,6 @@ def calibrate_static_input_scales(model: nn.Module, forward, batches: Iterable[d
         static = replace(layer.layer_quant, activation_scale=ActivationScale.STATIC)
         layer.layer_quant = static
         layer.method = method_for(static, layer.in_features, layer.out_features, layer.bias is not None)
-        layer.set_tensor("input_scale", scale.to(layer.tensor("weight").device))
+        layer.set_tensor("input_scale", scale)
         layer.backend.prepare(layer)
     return len(layers)

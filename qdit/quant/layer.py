@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qdit.errors import QditError
 from qdit.quant.method import LinearMethod
 from qdit.quant.methods import method_for
 from qdit.quant.scheme import LayerQuant
@@ -20,7 +21,9 @@ class QuantLinear(nn.Module):
     data and scales are buffers, so diffusers' `model.dtype` (its first floating parameter) stays the
     compute dtype. `layer.weight` is the dequantized weight in the compute dtype, as a Linear's would be
     (diffusers code reads `.weight.dtype` to cast inputs); the stored tensor is `layer.tensor("weight")`.
-    `backend` is set once loading is done; forward delegates to it.
+    `backend` is set once loading is done; forward delegates to it. `expand_fp8_at_load` (set by the
+    loader from `weights_4bit="expanded_fp8"`) asks a backend whose route multiplies a 4-bit layer as FP8
+    to expand it once in `prepare` and release the packed tensors it no longer reads.
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, layer_quant: LayerQuant,
@@ -41,6 +44,8 @@ class QuantLinear(nn.Module):
         if not bias:
             self.register_parameter("bias", None)
         self.backend = None
+        self.expand_fp8_at_load = False
+        self.released: set[str] = set()
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.method.specs[name]
@@ -51,7 +56,17 @@ class QuantLinear(nn.Module):
 
     def tensor(self, name: str) -> torch.Tensor:
         """A stored checkpoint tensor by its checkpoint name."""
+        if name in self.released:
+            raise QditError(f"layer {self.name}: tensor {name!r} was released after its weight was expanded to "
+                            f"FP8 at load (weights_4bit='expanded_fp8'); load with weights_4bit='packed' to read it")
         return self._buffers[name] if name in self._buffers else self._parameters[name]
+
+    def release(self, *names: str) -> None:
+        """Free checkpoint tensors the backend no longer reads (its own layout holds their content)."""
+        for name in names:
+            slot = self._buffers if name in self._buffers else self._parameters
+            slot[name] = None
+            self.released.add(name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -72,8 +87,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         backend = self.backend.name if self.backend is not None else "none"
+        expanded = ", weight expanded to FP8 at load" if self.released else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.layer_quant.describe()}, backend={backend}")
+                f"scheme={self.layer_quant.describe()}, backend={backend}{expanded}")
 
 
 class SplitKLinear(nn.Module):

@@ -19,6 +19,10 @@ class Scheme(str, Enum):
     AWQ_W4A16 = "awq_w4a16"  # unsigned 4-bit weight with per-64 scales and zeros, activations unquantized
 
 
+FOUR_BIT_SCHEMES = frozenset({Scheme.NVFP4, Scheme.W4A16_NVFP4, Scheme.NVFP4_SVD, Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4,
+                              Scheme.AWQ_W4A16})
+
+
 class ActivationScale(str, Enum):
     """Where an activation's per-tensor scale comes from."""
 

@@ -5,6 +5,7 @@ replaced by plain-torch equivalents of what they compute (the GPU tests check th
 import pytest
 import torch
 
+from qdit.errors import QditError
 from qdit.kernels import nvfp4_hopper, w4_codes
 from qdit.kernels.nvfp4_hopper import NVFP4HopperBackend
 from qdit.kernels.svdquant_hopper import SVDQuantHopperBackend
@@ -171,3 +172,53 @@ def test_e2m1_fp16_bits_hold_each_code_value_times_2_to_the_minus_14():
     bits = torch.tensor([w4_codes.e2m1_fp16_bits(c) for c in range(16)], dtype=torch.int32).to(torch.int16)
     decoded = bits.view(torch.float16).float() * w4_codes.E2M1_FP16_UNSCALE
     assert decoded.tolist() == numerics.e2m1_table().tolist()
+
+
+EXPANDING = [(modelopt_svd_layer, ("weight", "weight_scale")), (modelopt_w4a16_layer, ("weight", "weight_scale")),
+             (nunchaku_nvfp4_layer, ("qweight", "wscales")), (nunchaku_int4_gelu_layer, ("qweight", "wscales"))]
+
+
+@pytest.mark.parametrize("make,released", EXPANDING, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("m", [1, 200])
+def test_weight_expanded_at_load_computes_what_the_packed_route_does(make, released, m):
+    """weights_4bit="expanded_fp8": the FP8 weight every call would expand is built once in prepare and
+    the packed codes and scales are freed; the layer's output is bit-identical to the packed route's at
+    the rows the packed route multiplies in FP8 too (at one row nvfp4-hopper's packed route is the GEMV;
+    the expanded layer stays within the W4A8 bound of the layer)."""
+    gen = torch.Generator().manual_seed(m)
+    backend, packed_layer, exact = make(gen)
+    backend.prepare(packed_layer)
+    gen = torch.Generator().manual_seed(m)
+    _, layer, _ = make(gen)
+    layer.expand_fp8_at_load = True
+    backend.prepare(layer)
+    assert layer.released == set(released)
+    assert all(name not in dict(layer.named_buffers()) for name in released)
+    assert layer.w4a8_weight.dtype == torch.float8_e4m3fn and layer.w4a8_weight.shape == (N, K)
+    x = torch.randn(m, K, generator=gen).to(torch.bfloat16)
+    got = backend.apply(layer, x)
+    if m > GEMV_MAX_M or isinstance(backend, SVDQuantHopperBackend):
+        assert torch.equal(got, backend.apply(packed_layer, x))
+    want = exact(x)
+    assert ((got.float() - want).norm() / want.norm()).item() < W4A8_BOUND
+    backend.prepare(layer)  # prepared again (static scales calibrated after loading): the FP8 weight stays
+    assert torch.equal(backend.apply(layer, x), got)
+
+
+def test_a_released_tensor_says_why_it_is_gone():
+    backend, layer, _ = nunchaku_int4_layer(torch.Generator().manual_seed(0))
+    layer.expand_fp8_at_load = True
+    backend.prepare(layer)
+    with pytest.raises(QditError, match=r"layer test: tensor 'qweight' was released .*weights_4bit='packed'"):
+        layer.tensor("qweight")
+    assert "weight expanded to FP8 at load" in repr(layer)
+
+
+def test_4bit_decoding_constants_give_each_code_its_value():
+    """The kernels' integer-to-float decode (qdit.kernels.w4_codes): a 4-bit value OR-ed into 2**23's
+    mantissa, minus 2**23, is the value; two's-complement codes flip bit 3 first and subtract 8 more."""
+    codes = torch.arange(16, dtype=torch.int32)
+    as_float = (codes | w4_codes.MAGIC_2_23_BITS).view(torch.float32)
+    assert (as_float - w4_codes.MAGIC_2_23).tolist() == list(range(16))
+    signed = ((codes ^ 8) | w4_codes.MAGIC_2_23_BITS).view(torch.float32) - (w4_codes.MAGIC_2_23 + 8)
+    assert signed.tolist() == int4_decode(codes.to(torch.uint8)).float().tolist()

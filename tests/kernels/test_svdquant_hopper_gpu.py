@@ -163,6 +163,11 @@ def test_converted_tiny_qwen_image_runs_on_the_gpu_backend(tmp_path, precision):
     with torch.no_grad():
         a, b = fast(**inputs)[0], slow(**inputs)[0]
     assert rel(a, b) < 0.1, rel(a, b)  # W4A8 / W4A16 routes against W4A4
+    expanded = qdit.load_transformer(folder, device="cuda", weights_4bit="expanded_fp8")
+    quantized = [m for m in expanded.modules() if getattr(m, "layer_quant", None) is not None]
+    assert {frozenset(m.released) for m in quantized} == {frozenset({"qweight", "wscales"}), frozenset()}
+    with torch.no_grad():  # the FP8 weight each call would expand, built once: the same output
+        assert torch.equal(expanded(**inputs)[0], a)
     if precision == "int4":  # Nunchaku's own arithmetic, forced
         exact = qdit.load_transformer(folder, device="cuda", backend="svdq-hopper-exact")
         with torch.no_grad():
