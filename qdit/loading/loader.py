@@ -234,8 +234,6 @@ def _check_complete(model: nn.Module, filled: set[str], ckpt: Checkpoint) -> Non
 def finish_quant_layers(model: nn.Module, device: torch.device, backend: str | None,
                         weights_4bit: str = "packed") -> tuple[dict, dict]:
     """Post-process every QuantLinear, choose and prepare its backend; one summary warning for repairs."""
-    if weights_4bit not in WEIGHTS_4BIT_CHOICES:
-        raise QditError(f"weights_4bit={weights_4bit!r} is not one of {', '.join(WEIGHTS_4BIT_CHOICES)}")
     selector = BackendSelector(device, backend)
     repairs: dict[str, int] = defaultdict(int)
     chosen: dict[str, int] = defaultdict(int)
@@ -270,6 +268,8 @@ def load_into(model: nn.Module, ckpt, plan: dict[str, LayerQuant], *, dtype: tor
               device: torch.device, backend: str | None, quantize_from_full: bool,
               weights_4bit: str = "packed") -> tuple[nn.Module, LoadReport]:
     """Fill `model` (from build_skeleton, planned with `plan`) from `ckpt`; returns it ready to run."""
+    if weights_4bit not in WEIGHTS_4BIT_CHOICES:  # before any tensor is read
+        raise QditError(f"weights_4bit={weights_4bit!r} is not one of {', '.join(WEIGHTS_4BIT_CHOICES)}")
     start = time.perf_counter()
     install_quant_layers(model, plan, dtype)
     count = fill_from_checkpoint(model, ckpt, dtype=dtype, device=device, quantize_from_full=quantize_from_full)

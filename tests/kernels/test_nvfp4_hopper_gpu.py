@@ -101,6 +101,21 @@ def test_compiles_without_graph_break():
         assert rel(compiled(rows), block(rows)) < 0.02
 
 
+@pytest.mark.parametrize("lq", [W4A16, W4A4, SVD], ids=lambda lq: lq.describe())
+def test_weight_expanded_at_load_gives_the_packed_routes_output(lq):
+    """weights_4bit="expanded_fp8": the FP8 weight expanded once in prepare is the one each call expands, so
+    the W4A8 route's output is bit-identical, compiled too; the packed codes are released."""
+    x = torch.randn(333, 3072, device="cuda", dtype=torch.bfloat16)
+    packed, expanded = make_layer(lq, 3072, 3072, x, seed=5), make_layer(lq, 3072, 3072, x, seed=5)
+    expanded.expand_fp8_at_load = True
+    for layer in (packed, expanded):
+        layer.backend = backend_by_name("nvfp4-hopper")
+        layer.backend.prepare(layer)
+    assert expanded.released == {"weight", "weight_scale"}
+    assert torch.equal(expanded(x), packed(x))
+    assert torch.equal(torch.compile(expanded, fullgraph=True)(x), torch.compile(packed, fullgraph=True)(x))
+
+
 @pytest.mark.parametrize("n,k", [(3072, 3072), (384, 256), (48, 12288)])
 def test_fp8_expansion_is_the_torch_cast(n, k):
     """Both expansions (NVFP4 and INT4 codes) write exactly torch's saturating e4m3 cast of the scaled
