@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from qdit import bench
 
@@ -135,3 +136,16 @@ def test_torchao_peer_quantizes_the_linears_qdit_does(monkeypatch, layers):
     qdit_model = random_transformer("flux", quantize="fp8", quantize_layers=layers)
     assert sorted(picked) == sorted(n for n, lq in qdit_model.qdit_plan.items() if lq.quantized)
     assert all(isinstance(peer.get_submodule(n), torch.nn.Linear) for n in picked)
+
+
+def test_weight_bytes_counts_shared_storage_once():
+    """A fused projection's layers hold views of its stacked weight: the bytes are there once."""
+    from qdit.bench import weight_bytes
+
+    parent = torch.nn.Module()
+    parent.register_buffer("stacked", torch.zeros(6, 4, dtype=torch.float8_e4m3fn))
+    child = torch.nn.Module()
+    child.register_buffer("view", parent.stacked[2:4])
+    parent.child = child
+    parent.extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16), requires_grad=False)
+    assert weight_bytes(parent) == 6 * 4 + 3 * 2

@@ -184,6 +184,66 @@ def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None) 
                             out_dtype=xs.dtype)
 
 
+class FusedW4A8Projection(torch.nn.Module):
+    """Layers on the W4A8 route that read one input, as one (qdit.quant.shared_input): the input is
+    transformed (x + shift, times multiplier) and quantized to FP8 per token once, and one cuBLASLt GEMM
+    multiplies the layers' FP8 weights stacked along N. Per row, the same codes and scales as each layer
+    computes alone; only the GEMM's tiling differs."""
+
+    def __init__(self, layers, shift: float | None, multiplier: torch.Tensor | None,
+                 biases: list[torch.Tensor | None]):
+        super().__init__()
+        self.sizes = [layer.out_features for layer in layers]
+        self.shift = shift
+        self.register_buffer("weight", torch.cat([layer.w4a8_weight for layer in layers]), persistent=False)
+        self.register_buffer("row_scale", torch.cat([layer.w4a8_row_scale for layer in layers], dim=1),
+                             persistent=False)
+        self.register_buffer("multiplier", multiplier, persistent=False)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(n, dtype=layers[0].compute_dtype, device=self.weight.device)
+                              for b, n in zip(biases, self.sizes)])
+        self.register_buffer("bias", bias, persistent=False)
+        start = 0
+        for layer, n in zip(layers, self.sizes):  # each layer's weight: a view, not a second copy
+            layer.w4a8_weight = self.weight[start:start + n]
+            start += n
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x2d = x.reshape(-1, x.shape[-1])
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        xs = x2d + self.shift if self.shift is not None else x2d
+        if self.multiplier is not None:
+            xs = xs * self.multiplier
+        xq, scale_a = quantize_per_token(xs)
+        # The bias in the GEMM's epilogue: added after the split, it took a pass of its own over the
+        # stacked output before qdit's QK-norm op (a custom op, which inductor does not fuse into).
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.row_scale, bias=self.bias,
+                             out_dtype=xs.dtype)
+        return list(y.reshape(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.sizes}, in_features={self.weight.shape[1]}"
+
+
+def fuse_w4a8_layers(layers, inputs: list[tuple[float | None, torch.Tensor | None]],
+                     biases: list[torch.Tensor | None]) -> tuple[FusedW4A8Projection | None, str]:
+    """A FusedW4A8Projection of layers whose inputs are transformed alike: inputs[i] = (shift,
+    multiplier) of layer i; or None and why not."""
+    if any(layer.w4a8_weight is None for layer in layers):
+        return None, "their 4-bit weights are expanded per call (weights_4bit='packed')"
+    if len({layer.in_features for layer in layers}) > 1:
+        return None, "their input widths differ"
+    shift, multiplier = inputs[0]
+    for other_shift, other_multiplier in inputs[1:]:
+        same_multiplier = (other_multiplier is None) == (multiplier is None) and (
+            multiplier is None or torch.equal(other_multiplier, multiplier))
+        if other_shift != shift or not same_multiplier:
+            return None, "their input smoothing or shift differ"
+    return FusedW4A8Projection(layers, shift, multiplier, biases), ""
+
+
 class NVFP4HopperBackend:
     name = "nvfp4-hopper"
 
@@ -227,3 +287,9 @@ class NVFP4HopperBackend:
             if layer.bias is not None:
                 y = y + layer.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:
+        """Layers with per-token activation scales (calibrated per-tensor scales differ per layer)."""
+        if any(layer.w4a8_input_scale is not None for layer in layers):
+            return None, "their activation scales are calibrated per layer"
+        return fuse_w4a8_layers(layers, [(None, layer.smooth) for layer in layers], [layer.bias for layer in layers])

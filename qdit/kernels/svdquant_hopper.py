@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import prepare_w4a8_route, w4a8_gemm
+from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_gemm
 from qdit.kernels.registry import YES, Verdict
 from qdit.kernels.w4_gemv import awq_w4a16_gemm
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -234,6 +234,16 @@ class SVDQuantHopperBackend:
         if layer.w4a8_bias is not None:
             y = y + layer.w4a8_bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:
+        """SVDQuant layers on the W4A8 route (Nunchaku fuses q, k and v into one layer, so after conversion
+        they share one smoothing vector)."""
+        if any(layer.layer_quant.scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4) for layer in layers):
+            return None, "not all of them are SVDQuant W4A4 layers"
+        if not self.int4_w4a8:
+            return None, f"backend {self.name} computes each layer alone"
+        inputs = [(GELU_SHIFT if layer.layer_quant.gelu_shift else None, layer.inverse_smooth) for layer in layers]
+        return fuse_w4a8_layers(layers, inputs, [layer.w4a8_bias for layer in layers])
 
 
 class SVDQuantHopperExactBackend(SVDQuantHopperBackend):

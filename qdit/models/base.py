@@ -12,6 +12,7 @@ from qdit.config import ATTENTION_CHOICES
 from qdit.errors import QditError
 from qdit.kernels.attention_fp8 import check_fp8_attention
 from qdit.models.activations import install_tanh_gelu
+from qdit.quant.shared_input import fuse_shared_inputs
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,12 @@ class ModelAdapter:
         # Per Attention module, through diffusers' set_processor (Z-Image's model class has no
         # set_attn_processor); one processor instance is shared, as set_attn_processor would.
         processor = self.attention_processor(fp8=attention == "fp8")
-        for module in model.modules():
-            if hasattr(module, "set_processor") and hasattr(module, "processor"):
-                module.set_processor(processor)
+        attention_modules = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+        for module in attention_modules:
+            module.set_processor(processor)
+        # The processor computes each group of projections reading one input through
+        # qdit.quant.shared_input.project, which uses the fused module where a backend made one.
+        fuse_shared_inputs(attention_modules, processor.shared_input_groups)
 
     def is_kept_in_bf16(self, layer_name: str, config: dict[str, Any], quantize_layers: str) -> bool:
         """Whether load-time quantization leaves a Linear in BF16: by the model's recipe

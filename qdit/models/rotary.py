@@ -24,8 +24,12 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from qdit.errors import QditError
 from qdit.kernels.attention_fp8 import fp8_attention_of_codes, quantize_per_tensor
 from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
+from qdit.quant.shared_input import project
 
 log = logging.getLogger("qdit")
+
+IMAGE_QKV = ("to_q", "to_k", "to_v")
+TEXT_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 def rotate_by_cos_sin(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -89,6 +93,8 @@ class _DispatchedAttention:
     # diffusers' set_attention_backend / parallel configs write these onto every processor that has them.
     _attention_backend = None
     _parallel_config = None
+    # The Attention module's projections that read one input (qdit.quant.shared_input), per group.
+    shared_input_groups: tuple[tuple[str, ...], ...] = (IMAGE_QKV,)
 
     def __init__(self, fp8: bool = False):
         # fp8: attention in FP8 (qdit.kernels.attention_fp8) for calls without a mask. Said here, once per
@@ -121,6 +127,8 @@ class QwenImageJointAttention(_DispatchedAttention):
     """Qwen-Image's joint text+image attention (diffusers' QwenDoubleStreamAttnProcessor2_0 semantics:
     [text, image] order, optional text mask), rotary in real arithmetic."""
 
+    shared_input_groups = (IMAGE_QKV, TEXT_QKV)
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -128,9 +136,8 @@ class QwenImageJointAttention(_DispatchedAttention):
             raise ValueError("Qwen-Image joint attention takes the text stream, and a text mask through "
                              "encoder_hidden_states_mask rather than attention_mask")
         head_dim = attn.inner_dim // attn.heads
-        txt = [proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-        img = [proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+        txt = [t.unflatten(-1, (-1, head_dim)) for t in project(attn, TEXT_QKV, encoder_hidden_states)]
+        img = [t.unflatten(-1, (-1, head_dim)) for t in project(attn, IMAGE_QKV, hidden_states)]
         pairs = None
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb  # complex [S, D/2]; view_as_real is a view, no kernel
@@ -155,7 +162,7 @@ class ZImageAttention(_DispatchedAttention):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in project(attn, IMAGE_QKV, hidden_states))
         pairs = None if freqs_cis is None else [torch.view_as_real(freqs_cis)]
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -169,6 +176,8 @@ class FluxAttention(_DispatchedAttention):
     """FLUX.1's attention (diffusers' FluxAttnProcessor semantics). Double-stream blocks pass the text
     stream: attention over [text, image], each part through its output projection. Single-stream blocks
     pass the joint sequence alone and get the attention back unprojected."""
+
+    shared_input_groups = (IMAGE_QKV, TEXT_QKV)
 
     @classmethod
     def check_model(cls, model: torch.nn.Module) -> None:
@@ -214,6 +223,5 @@ def _flux_projections(attn, x: torch.Tensor, text: bool) -> list[torch.Tensor]:
     if attn.fused_projections:
         qkv = (attn.to_added_qkv if text else attn.to_qkv)(x).chunk(3, dim=-1)
     else:
-        qkv = [proj(x) for proj in ((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if text
-                                    else (attn.to_q, attn.to_k, attn.to_v))]
+        qkv = project(attn, TEXT_QKV if text else IMAGE_QKV, x)
     return [t.unflatten(-1, (-1, attn.head_dim)) for t in qkv]

@@ -159,3 +159,25 @@ def test_fp8_expansion_folds_the_low_rank_branch(n, k, rank):
     assert ((got - want).abs()[differ] <= want.abs()[differ] * 2**-3 + 2**-9).all()
     without = w4_expand_fp8(packed, block, row_factor, False).float()
     assert (without != want).float().mean().item() > 0.5  # the low-rank term is not lost
+
+
+@pytest.mark.parametrize("m", [2, 4096])
+def test_fused_projections_of_per_token_layers_match_each_layer(m):
+    """Weight-only NVFP4 layers (per-token FP8 activations on the W4A8 route) reading one input fuse;
+    layers with calibrated per-tensor activation scales do not (each quantizes with its own scale)."""
+    x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+    backend = backend_by_name("nvfp4-hopper")
+    for lq, fusable in ((W4A16, True), (W4A4, False)):
+        layers = [make_layer(lq, 3072, n, x, seed=n) for n in (3072, 1024, 3072)]
+        for layer in layers:
+            layer.expand_fp8_at_load = True
+            layer.backend = backend
+            backend.prepare(layer)
+        alone = [layer(x) for layer in layers]
+        fused, reason = backend.fuse_shared_input(layers)
+        if not fusable:
+            assert (fused, reason) == (None, "their activation scales are calibrated per layer")
+            continue
+        for got, want in zip(fused(x), alone):
+            assert got.shape == want.shape
+            assert rel(got, want) < 5e-3, rel(got, want)  # bias: in the epilogue vs a bf16 add

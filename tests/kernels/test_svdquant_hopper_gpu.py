@@ -6,6 +6,7 @@ import torch
 from qdit.kernels import backend_by_name
 from qdit.kernels.w4_gemv import GEMV_MAX_M
 from qdit.quant.layer import QuantLinear
+from qdit.quant.shared_input import FUSED_PREFIX
 from qdit.quant.scheme import LayerQuant, Scheme
 from qdit.quant.svdquant import GELU_SHIFT, svdq_reference_forward
 
@@ -166,10 +167,69 @@ def test_converted_tiny_qwen_image_runs_on_the_gpu_backend(tmp_path, precision):
     expanded = qdit.load_transformer(folder, device="cuda", weights_4bit="expanded_fp8")
     quantized = [m for m in expanded.modules() if getattr(m, "layer_quant", None) is not None]
     assert {frozenset(m.released) for m in quantized} == {frozenset({"qweight", "wscales"}), frozenset()}
-    with torch.no_grad():  # the FP8 weight each call would expand, built once: the same output
+    # Expanded, each attention's q/k/v (and text q/k/v) are fused: one quantization, one GEMM.
+    fused = [(parent, name) for parent in expanded.modules() for name in list(parent._modules)
+             if name.startswith(FUSED_PREFIX)]
+    assert len(fused) == 2 * expanded.config.num_layers
+    with torch.no_grad():
+        c = expanded(**inputs)[0]
+        assert rel(c, a) < 0.01, rel(c, a)  # only the fused GEMMs' accumulation order differs
+        for parent, name in fused:
+            del parent._modules[name]
+        # unfused: the FP8 weight each call would expand, built once: the same output
         assert torch.equal(expanded(**inputs)[0], a)
     if precision == "int4":  # Nunchaku's own arithmetic, forced
         exact = qdit.load_transformer(folder, device="cuda", backend="svdq-hopper-exact")
         with torch.no_grad():
             c = exact(**inputs)[0]
         assert rel(c, b) < 0.02, rel(c, b)
+
+
+def qkv_layers(precision, k, n, seed, expanded=True, same_smoothing=True):
+    """Three SVDQuant layers as a converted Nunchaku q/k/v: one smoothing vector, prepared on svdq-hopper."""
+    lq = (LayerQuant(Scheme.SVDQ_INT4, lora_rank=32) if precision == "int4"
+          else LayerQuant(Scheme.SVDQ_NVFP4, lora_rank=32, wtscale=True))
+    layers = [make_layer(lq, k, n, seed=seed + i) for i in range(3)]
+    for layer in layers[1:]:
+        if same_smoothing:
+            layer.set_tensor("smooth_factor", layers[0].tensor("smooth_factor").clone())
+    backend = backend_by_name("svdq-hopper")
+    for layer in layers:
+        layer.expand_fp8_at_load = expanded
+        layer.backend = backend
+        backend.prepare(layer)
+    return layers, backend
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 256, 4096])
+def test_fused_projections_match_each_layer(precision, m):
+    """q, k and v fused (qdit.quant.shared_input): one per-token quantization (the same codes each layer
+    makes) and one GEMM over the stacked weights; each output as the layer's own up to the GEMM's
+    accumulation order; the layers' weights become views of the stacked one and still run alone."""
+    layers, backend = qkv_layers(precision, 3072, 3072, seed=m)
+    x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+    alone = [layer(x) for layer in layers]
+    fused, reason = backend.fuse_shared_input(layers)
+    assert fused is not None, reason
+    outs = fused(x.unsqueeze(0))
+    for got, want in zip(outs, alone):
+        assert got.shape == (1, m, 3072)
+        assert rel(got[0], want) < 5e-3, rel(got[0], want)  # bias: in the epilogue vs a bf16 add
+    for layer, want in zip(layers, alone):
+        assert layer.w4a8_weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+        assert torch.equal(layer(x), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True)(x)
+    for got, layer in zip(compiled, layers):  # compiled, the quantization is fused alike in both
+        want = torch.compile(layer, fullgraph=True)(x)
+        assert rel(got, want) < 5e-3, rel(got, want)
+
+
+def test_projections_are_not_fused_when_their_inputs_differ_or_weights_are_packed():
+    layers, backend = qkv_layers("int4", 256, 384, seed=0, same_smoothing=False)
+    assert backend.fuse_shared_input(layers) == (None, "their input smoothing or shift differ")
+    layers, backend = qkv_layers("int4", 256, 384, seed=0, expanded=False)
+    assert backend.fuse_shared_input(layers) == (None, "their 4-bit weights are expanded per call "
+                                                       "(weights_4bit='packed')")
+
