@@ -29,22 +29,7 @@ from qdit.kernels import backend_by_name
 from qdit.models import adapter_by_name
 from qdit.quant.calibration import calibrate_static_input_scales
 from qdit.quant.layer import QuantLinear
-
-
-def _storages(t: torch.Tensor) -> list:
-    """The storages behind a tensor; a wrapper subclass (torchao's FP8 weights) by the tensors it holds,
-    not by its logical dtype."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [s for name in names for s in _storages(getattr(t, name))]
-    return [t.untyped_storage()] if t.numel() else []
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage once: tensors that are views of another
-    (the layers of a fused projection, qdit.quant.shared_input) are not counted twice."""
-    storages = {s.data_ptr(): s.nbytes() for t in (*model.parameters(), *model.buffers()) for s in _storages(t)}
-    return sum(storages.values())
+from qdit.quant.storage import weight_bytes
 
 
 def step_ms(model, inputs, adapter, iters: int) -> float:

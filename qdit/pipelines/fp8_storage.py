@@ -193,9 +193,3 @@ def apply_fp8_weight_storage(module: nn.Module, *, compute_dtype: torch.dtype | 
                     type(module).__name__)
     log.info("FP8 weight storage: %d layers of %s converted", converted, type(module).__name__)
     return converted
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes held by `module`'s parameters and buffers (each tensor once, tied parameters included once)."""
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())

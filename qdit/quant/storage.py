@@ -28,3 +28,19 @@ def apply_keeping_dtypes(module: torch.nn.Module, apply, fn, recurse: bool, name
                 module._buffers[name] = applied.view(originals[name].dtype)
             else:  # fn converted integer tensors too (Module.type()): keep the values, follow the device
                 module._buffers[name] = originals[name].to(device=applied.device)
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages behind a tensor; a wrapper subclass (torchao's FP8 weights) by the tensors it holds,
+    not by its logical dtype."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [s for name in names for s in _storages(getattr(t, name))]
+    return [t.untyped_storage()] if t.numel() else []
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once: tied parameters and tensors that are
+    views of another (the layers of a fused projection, qdit.quant.shared_input) are not counted twice."""
+    storages = {s.data_ptr(): s.nbytes() for t in (*model.parameters(), *model.buffers()) for s in _storages(t)}
+    return sum(storages.values())

@@ -28,8 +28,8 @@ from qdit.pipelines.fp8_storage import (
     FP8StorageLinear,
     apply_fp8_weight_storage,
     quantize_per_channel,
-    weight_bytes,
 )
+from qdit.quant.storage import weight_bytes
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
