@@ -6,7 +6,7 @@ import torch
 
 import qdit
 from qdit.errors import CheckpointError, QditError
-from qdit.pipelines.fp8_storage import weight_bytes
+from qdit.quant.storage import weight_bytes
 from qdit.pipelines.load import check_writable
 from qdit.pipelines.tiny import build_tiny_pipeline
 from qdit.tools.quantize import quantize_pipeline
