@@ -51,6 +51,9 @@ def fuse_shared_inputs(parents: Iterable[nn.Module], groups: Sequence[Sequence[s
                 continue  # this kind of block has no such group (FLUX single blocks: no text projections)
             if not any(isinstance(layer, QuantLinear) for layer in layers):
                 continue  # an unquantized group (a BF16 model, a layer kept in BF16)
+            if fused_name(names) in parent._modules:  # modules installed again on the same model
+                outcome[f"already fused ({', '.join(names)})"] += 1
+                continue
             fused, reason = _fuse(layers)
             if fused is not None:
                 parent.add_module(fused_name(names), fused)

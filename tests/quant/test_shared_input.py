@@ -68,6 +68,11 @@ def test_groups_are_fused_where_the_backend_can():
     assert sorted(fused_modules(model))[:2] == [f"transformer_blocks.0.attn.{fused_name(TEXT_QKV)}",
                                                  f"transformer_blocks.0.attn.{fused_name(IMAGE_QKV)}"]
     assert not any(k.split(".")[-2].startswith(FUSED_PREFIX) for k in model.state_dict())  # no new checkpoint keys
+    fused_first = blocks[0].attn._modules[fused_name(IMAGE_QKV)]
+    again = fuse_shared_inputs([b.attn for b in blocks], (IMAGE_QKV, TEXT_QKV))  # installed a second time
+    assert again == {"already fused (to_q, to_k, to_v)": len(blocks),
+                     "already fused (add_q_proj, add_k_proj, add_v_proj)": len(blocks)}
+    assert len(backend.seen) == 2 * len(blocks) and blocks[0].attn._modules[fused_name(IMAGE_QKV)] is fused_first
     x = torch.randn(2, 3, 8)
     assert [t.tolist() for t in project(blocks[1].attn, TEXT_QKV, x)] == [
         (x.sum(-1, keepdim=True) + i).tolist() for i in range(3)]
