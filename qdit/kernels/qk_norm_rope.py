@@ -29,6 +29,7 @@ rounding passes it replaces, with the same rounding error
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -170,11 +171,29 @@ def _bound_weights(weights: list[torch.Tensor | None]) -> list[torch.Tensor]:
 QK_BLOCK_ROWS = 16  # rows (token, head) per program
 
 
+class _StreamArgs(NamedTuple):
+    """One stream's kernel arguments, in the kernel's order."""
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    freqs: torch.Tensor
+    rows: int
+    seq: int
+    stride_xb: int
+    stride_xs: int
+    stride_fb: int
+    stride_fs: int
+    eps: float
+
+
+def _check_stream_count(xs: list[torch.Tensor]) -> None:
+    """The kernel takes one or two streams; refused on every device alike."""
+    if not 1 <= len(xs) <= 2:
+        raise ValueError(f"qk_norm_rope_cat takes one or two streams (text and image), got {len(xs)}")
+
+
 def _launch(xs, weights, eps, freqs, out, round_before_weight: bool, fp8_args: dict | None = None) -> None:
     """One kernel for the one or two streams, each writing its rows into `out` at its offset along S.
     FP8 output: fp8_args (qk_norm_rope_cat_fp8's kernel arguments); program 0 writes the scale."""
-    if not 1 <= len(xs) <= 2:
-        raise ValueError(f"qk_norm_rope_cat takes one or two streams, got {len(xs)}")
     b, _, h, d = xs[0].shape
     streams = []
     for x, w, e, f in zip(xs, weights, eps, freqs):
@@ -182,14 +201,15 @@ def _launch(xs, weights, eps, freqs, out, round_before_weight: bool, fp8_args: d
         if x.stride(3) != 1 or x.stride(2) != d or f.stride(3) != 1 or f.stride(2) != 2:
             raise ValueError(f"qk_norm_rope_cat wants heads of contiguous values and contiguous (cos, sin) pairs; "
                              f"got x strides {x.stride()}, freqs strides {f.stride()}")
-        streams.append((x, w, f, b * x.shape[1] * h, x.shape[1], x.stride(0), x.stride(1), f.stride(0), f.stride(1), e))
+        streams.append(_StreamArgs(x, w, f, b * x.shape[1] * h, x.shape[1], x.stride(0), x.stride(1), f.stride(0),
+                                   f.stride(1), e))
     first = streams[0]
-    second = streams[1] if len(streams) == 2 else (*first[:3], 0, *first[4:])  # no rows: never reached
-    blocks0 = triton.cdiv(first[3], QK_BLOCK_ROWS)
-    grid = (blocks0 + triton.cdiv(second[3], QK_BLOCK_ROWS),)
+    second = streams[1] if len(streams) == 2 else first._replace(rows=0)  # no rows: its branch never runs
+    blocks0 = triton.cdiv(first.rows, QK_BLOCK_ROWS)
+    grid = (blocks0 + triton.cdiv(second.rows, QK_BLOCK_ROWS),)
     _qk_norm_rope_kernel[grid](*first, *second, blocks0, out, h, out.stride(0), out.stride(1), HALF=d // 2,
-                               BLOCK_HALF=triton.next_power_of_2(d // 2), HAS_WEIGHT0=first[1] is not None,
-                               HAS_WEIGHT1=second[1] is not None, ROUND_BEFORE_WEIGHT=round_before_weight,
+                               BLOCK_HALF=triton.next_power_of_2(d // 2), HAS_WEIGHT0=first.weight is not None,
+                               HAS_WEIGHT1=second.weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight,
                                BLOCK_ROWS=QK_BLOCK_ROWS, num_warps=4, enable_fp_fusion=False, **(fp8_args or {}))
 
 
@@ -204,6 +224,7 @@ def qk_norm_rope_cat(xs: list[torch.Tensor], weights: list[torch.Tensor | None],
     """Streams xs[i] [B, S_i, H, D] normalized with (weights[i], eps[i]), rotated by freqs[i] (float32 (cos,
     sin) pairs [S_i, D/2, 2] or [B, S_i, D/2, 2]), concatenated along S. round_before_weight: diffusers'
     RMSNorm rounding (True) or torch's (False), module docstring."""
+    _check_stream_count(xs)
     if not xs[0].is_cuda or triton is None:
         return torch.cat([qk_norm_rope_reference(x, w, e, f, round_before_weight)
                           for x, w, e, f in zip(xs, weights, eps, freqs)], dim=1)
@@ -223,7 +244,8 @@ def qk_norm_rope_cat_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor | No
     """qk_norm_rope_cat's result as E4M3 codes [B, S, H, D] and their float32 scale [1, 1, 1, 1]
     (qk_fp8_scale of the weights): the codes are e4m3_sat(qk_norm_rope_cat(...) * (1 / scale))."""
     d = xs[0].shape[-1]
-    bound = _bound_weights(weights)  # the same limit on every device
+    bound = _bound_weights(weights)  # the same limits on every device
+    _check_stream_count(xs)
     # program 0 writes the scale: with no rows there is none
     if not xs[0].is_cuda or triton is None or not any(x.numel() for x in xs):
         scale = qk_fp8_scale(weights, d)

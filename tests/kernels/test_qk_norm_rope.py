@@ -87,7 +87,7 @@ def _streams(seqs, d=16, heads=2, seed=3):
 @pytest.mark.parametrize("seqs,weighted", [
     ((3, 9), (True, True)),
     ((3, 9), (True, False)),   # one stream without a norm weight
-    ((0, 9), (True, True)),    # an empty first stream (the kernel's first launch has no rows)
+    ((0, 9), (True, True)),    # an empty first stream (no program takes its rows)
     ((5,), (True,)),
 ])
 def test_op_passes_torch_library_checks(seqs, weighted):
@@ -109,6 +109,16 @@ def test_more_norm_weights_than_the_kernel_takes_are_refused_on_every_device():
     weights = [torch.rand(d).bfloat16() for _ in xs]
     with pytest.raises(ValueError, match="at most 2 distinct norm weights, got 3"):
         qk_norm_rope_cat_fp8(xs, weights, [1e-6] * 3, [_pairs(x.shape[1], d // 2) for x in xs])
+
+
+def test_more_streams_than_the_kernel_takes_are_refused_on_every_device():
+    d = 16
+    xs = _streams((2, 3, 4), d)
+    weight = torch.rand(d).bfloat16()
+    args = (xs, [weight] * 3, [1e-6] * 3, [_pairs(x.shape[1], d // 2) for x in xs])
+    for op in (qk_norm_rope_cat, qk_norm_rope_cat_fp8):
+        with pytest.raises(ValueError, match="one or two streams"):
+            op(*args)
 
 
 @pytest.mark.parametrize("round_before_weight", [True, False])
