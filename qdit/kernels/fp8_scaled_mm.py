@@ -27,23 +27,58 @@ E4M3_MAX = 448.0
 if triton is not None:
 
     @triton.jit
-    def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+    def _tanh_approx(x):
+        # One special-function instruction instead of exp + an IEEE division (two of them, and the
+        # special-function units run at 1/8 the FP32 rate). Its error, ~2**-11 absolute near |tanh| = 1
+        # (so up to ~2.5e-4 |x| on the GELU's small negative outputs), is far below the FP8 quantization's
+        # noise on the row the value is quantized with.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _input_transform(x, mult_ptr, k_offs, mask, GELU: tl.constexpr, SHIFT: tl.constexpr,
+                         HAS_MULT: tl.constexpr):
+        """(gelu_tanh(x) if GELU) + SHIFT, times multiplier[k] if HAS_MULT; float32 throughout."""
+        if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            x = x * (0.5 + 0.5 * _tanh_approx(x * (0.7978845608028654 + 0.03567740813636141 * x * x)))
+        if SHIFT != 0.0:
+            x = x + SHIFT
+        if HAS_MULT:
+            x = x * tl.load(mult_ptr + k_offs, mask=mask, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _quant_per_token_kernel(x_ptr, mult_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr,
+                                GELU: tl.constexpr, SHIFT: tl.constexpr, HAS_MULT: tl.constexpr):
+        """Per-token E4M3 of t = transform(x) (see _input_transform), one row per program."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_K)
-        # Pass 1: row amax (the row is read twice; the second read mostly hits L2).
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            m = (k0 + offs) < K
-            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        row_amax = tl.max(amax, axis=0)
-        scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
-        tl.store(s_ptr + row, scale)
-        for k0 in range(0, K, BLOCK_K):
-            m = (k0 + offs) < K
-            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            q = tl.clamp(x / scale, -448.0, 448.0)
-            tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.float8e4nv), mask=m)
+        if BLOCK_K >= K:  # the row in one block: read and transformed once
+            m = offs < K
+            x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+            t = _input_transform(x, mult_ptr, offs, m, GELU, SHIFT, HAS_MULT)
+            row_amax = tl.max(tl.where(m, tl.abs(t), 0.0), axis=0)
+            scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
+            tl.store(s_ptr + row, scale)
+            q = tl.clamp(t / scale, -448.0, 448.0)
+            tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=m)
+        else:
+            # Pass 1: row amax (the row is read twice; the second read mostly hits L2).
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                m = (k0 + offs) < K
+                x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
+                t = _input_transform(x, mult_ptr, k0 + offs, m, GELU, SHIFT, HAS_MULT)
+                amax = tl.maximum(amax, tl.where(m, tl.abs(t), 0.0))
+            row_amax = tl.max(amax, axis=0)
+            scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
+            tl.store(s_ptr + row, scale)
+            for k0 in range(0, K, BLOCK_K):
+                m = (k0 + offs) < K
+                x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
+                t = _input_transform(x, mult_ptr, k0 + offs, m, GELU, SHIFT, HAS_MULT)
+                q = tl.clamp(t / scale, -448.0, 448.0)
+                tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.float8e4nv), mask=m)
 
     @triton.jit
     def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
@@ -55,21 +90,49 @@ if triton is not None:
         tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=m)
 
 
-@torch.library.custom_op("qdit::fp8_quant_per_token", mutates_args=())
-def fp8_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (contiguous rows) -> (e4m3 [M, K], float32 scales [M, 1])."""
+# (BLOCK_K cap, warps at BLOCK_K >= 2048) of the per-token pass.
+PER_TOKEN_TILES = (4096, 8)
+
+
+def launch_quant_per_token(x: torch.Tensor, gelu: bool = False, shift: float = 0.0,
+                           multiplier: torch.Tensor | None = None,
+                           tiles: tuple[int, int] = PER_TOKEN_TILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token Triton pass over x [M, K] (contiguous rows); see fp8_quant_per_token_transformed."""
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), 4096)
-        _quant_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block,
-                                      num_warps=8 if block >= 2048 else 4)
+        block = min(triton.next_power_of_2(k), tiles[0])
+        _quant_per_token_kernel[(m,)](x, multiplier, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, GELU=gelu,
+                                      SHIFT=float(shift), HAS_MULT=multiplier is not None,
+                                      num_warps=tiles[1] if block >= 2048 else 4)
     return q, s
+
+
+@torch.library.custom_op("qdit::fp8_quant_per_token", mutates_args=())
+def fp8_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) -> (e4m3 [M, K], float32 scales [M, 1])."""
+    return launch_quant_per_token(x)
 
 
 @fp8_quant_per_token.register_fake
 def _(x):
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("qdit::fp8_quant_per_token_transformed", mutates_args=())
+def fp8_quant_per_token_transformed(x: torch.Tensor, gelu: bool, shift: float,
+                                    multiplier: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token E4M3 codes and float32 scales [M, 1] of t = (gelu_tanh(x) if gelu, else x) + shift, times
+    multiplier [K] if given, computed in float32 in the quantization pass itself: an MLP's GELU (and an
+    SVDQuant layer's shift and smoothing) costs no pass of its own, and t is never written. The GELU's
+    tanh is the GPU's approximate instruction (absolute error ~2**-11, see _tanh_approx)."""
+    return launch_quant_per_token(x, gelu, shift, multiplier)
+
+
+@fp8_quant_per_token_transformed.register_fake
+def _(x, gelu, shift, multiplier):
     return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 

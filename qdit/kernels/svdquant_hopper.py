@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, triton
-from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_gemm
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_transformed, triton
+from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_gemm, w4a8_matmul
 from qdit.kernels.registry import YES, Verdict
 from qdit.kernels.w4_gemv import awq_w4a16_gemm
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -228,12 +228,22 @@ class SVDQuantHopperBackend:
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        xs = (x2d + GELU_SHIFT if lq.gelu_shift else x2d) * layer.inverse_smooth  # the shift: INT4 layers only
         # The low-rank branch is folded into the expanded weight, its GELU-shift term into w4a8_bias.
-        y = w4a8_gemm(layer, xs)
-        if layer.w4a8_bias is not None:
-            y = y + layer.w4a8_bias
+        shift = GELU_SHIFT if lq.gelu_shift else 0.0  # the shift: INT4 layers only
+        if layer.input_gelu:  # x is the MLP's pre-activation (qdit.quant.gelu_input)
+            xq, scale_a = fp8_quant_per_token_transformed(x2d, True, shift, layer.inverse_smooth)
+            y = w4a8_matmul(layer, xq, scale_a, layer.w4a8_bias)
+        else:
+            y = w4a8_gemm(layer, (x2d + shift if shift else x2d) * layer.inverse_smooth, bias=layer.w4a8_bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fuse_input_gelu(self, layer) -> Verdict:
+        """The W4A8 route applies the MLP's tanh-GELU in its per-token quantization pass."""
+        if layer.layer_quant.scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4):
+            return Verdict(False, f"{layer.layer_quant.scheme.value} layers quantize no activation")
+        if layer.layer_quant.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
+            return Verdict(False, f"backend {self.name} quantizes the input to INT4 in its own pass")
+        return YES
 
     def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:
         """SVDQuant layers on the W4A8 route (Nunchaku fuses q, k and v into one layer, so after conversion

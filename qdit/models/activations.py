@@ -4,13 +4,24 @@
 kernel that applies the MLP's GELU and quantizes its output to FP8 compute-bound (Qwen-Image, H200);
 sigmoid lowers to one fast exp. qdit puts these modules in place of diffusers' tanh-GELU modules on the
 transformers it loads (module instances, as for the Linears; diffusers' classes are not modified).
+
+Where the MLP's output Linear quantizes its input per token, its backend may compute the GELU in that
+quantization pass instead (defer_gelu_to_next_linear): otherwise the GELU's output is written in the model
+dtype and read back by the quantization, two passes over the MLP's widest activation.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 from diffusers.models.activations import GELU as DiffusersGELU
 from torch import nn
+
+from qdit.quant.layer import QuantLinear
+
+log = logging.getLogger("qdit")
 
 SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -38,6 +49,47 @@ class LinearTanhGELU(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return gelu_tanh(self.proj(hidden_states))
+
+
+class LinearDeferredGELU(nn.Module):
+    """In place of a LinearTanhGELU whose GELU the next Linear applies as it quantizes its input
+    (QuantLinear.input_gelu): returns `proj`'s output, the pre-activation; `proj` keeps its name."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+def defer_gelu_to_next_linear(model: nn.Module) -> Counter:
+    """In each diffusers FeedForward whose `net` is [LinearTanhGELU, Dropout(p=0), QuantLinear, ...], let the
+    QuantLinear apply the GELU where its backend's `fuse_input_gelu(layer)` agrees. Returns how many MLPs
+    took it or not, and why, and logs it once."""
+    outcome: Counter = Counter()
+    for module in model.modules():
+        net = getattr(module, "net", None)
+        if not isinstance(net, nn.ModuleList) or len(net) < 3 or not isinstance(net[0], LinearTanhGELU):
+            continue
+        dropout, out = net[1], net[2]
+        if not isinstance(out, QuantLinear):
+            continue  # an MLP kept in BF16
+        if not (isinstance(dropout, nn.Dropout) and dropout.p == 0):
+            outcome[f"GELU not deferred: net.1 is {dropout!r}, not a Dropout(p=0)"] += 1
+            continue
+        fuse = getattr(out.backend, "fuse_input_gelu", None)
+        verdict = fuse(out) if fuse is not None else None
+        if verdict is None or not verdict.ok:
+            reason = verdict.reason if verdict is not None else f"backend {out.backend.name} has no fused GELU input"
+            outcome[f"GELU not deferred: {reason}"] += 1
+            continue
+        net[0] = LinearDeferredGELU(net[0].proj)
+        out.input_gelu = True
+        outcome["GELU deferred to the output Linear's input quantization"] += 1
+    if outcome:
+        log.info("MLPs: %s", "; ".join(f"{n} {what}" for what, n in sorted(outcome.items())))
+    return outcome
 
 
 def install_tanh_gelu(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ import torch
 from qdit.config import ATTENTION_CHOICES
 from qdit.errors import QditError
 from qdit.kernels.attention_fp8 import check_fp8_attention
-from qdit.models.activations import install_tanh_gelu
+from qdit.models.activations import defer_gelu_to_next_linear, install_tanh_gelu
 from qdit.quant.shared_input import fuse_shared_inputs
 
 
@@ -51,7 +51,8 @@ class ModelAdapter:
 
     def install_compile_friendly_modules(self, model: torch.nn.Module, attention: str = "bf16") -> None:
         """qdit's attention processor and tanh-GELU modules on a loaded transformer: diffusers' math,
-        written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations).
+        written so that torch.compile fuses it (qdit.models.rotary, qdit.models.activations); the MLPs'
+        GELU deferred to the output Linear's input quantization where its backend can.
         attention="fp8": the processor computes attention in FP8 (qdit.kernels.attention_fp8)."""
         if attention not in ATTENTION_CHOICES:
             raise QditError(f"attention={attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
@@ -63,6 +64,7 @@ class ModelAdapter:
         if self.attention_processor is not None:
             self.attention_processor.check_model(model)
         install_tanh_gelu(model)
+        defer_gelu_to_next_linear(model)
         if self.attention_processor is None:
             return
         # Per Attention module, through diffusers' set_processor (Z-Image's model class has no

@@ -23,7 +23,10 @@ class QuantLinear(nn.Module):
     (diffusers code reads `.weight.dtype` to cast inputs); the stored tensor is `layer.tensor("weight")`.
     `backend` is set once loading is done; forward delegates to it. `expand_fp8_at_load` (set by the
     loader from `weights_4bit="expanded_fp8"`) asks a backend whose route multiplies a 4-bit layer as FP8
-    to expand it once in `prepare` and release the packed tensors it no longer reads.
+    to expand it once in `prepare` and release the packed tensors it no longer reads. `input_gelu` (set by
+    qdit.models.activations.defer_gelu_to_next_linear, where the backend agrees) means the input is an MLP's
+    pre-activation, and the layer computes linear(gelu_tanh(x)), the backend applying the GELU as it
+    quantizes the input.
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, layer_quant: LayerQuant,
@@ -45,6 +48,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self.backend = None
         self.expand_fp8_at_load = False
+        self.input_gelu = False
         self.released: set[str] = set()
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -88,8 +92,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         backend = self.backend.name if self.backend is not None else "none"
         expanded = ", weight expanded to FP8 at load" if self.released else ""
+        gelu = ", input: the MLP's pre-activation (GELU applied as it is quantized)" if self.input_gelu else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.layer_quant.describe()}, backend={backend}{expanded}")
+                f"scheme={self.layer_quant.describe()}, backend={backend}{expanded}{gelu}")
 
 
 class SplitKLinear(nn.Module):

@@ -18,7 +18,7 @@ SHAPES = [(256, 384), (3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N)
 MS = sorted({1, 7, GEMV_MAX_M, GEMV_MAX_M + 1, 333, 4096})
 
 
-def make_layer(lq, k, n, seed, gelu_input=False):
+def make_layer(lq, k, n, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
     layer = QuantLinear("test", k, n, True, lq, torch.bfloat16)
@@ -233,3 +233,40 @@ def test_projections_are_not_fused_when_their_inputs_differ_or_weights_are_packe
     assert backend.fuse_shared_input(layers) == (None, "their 4-bit weights are expanded per call "
                                                        "(weights_4bit='packed')")
 
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 256, 4096])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_deferred_gelu_is_the_layer_on_the_gelu_output(precision, m, expanded):
+    """An MLP's output Linear with input_gelu (qdit.models.activations.defer_gelu_to_next_linear) takes the
+    pre-activation and applies the GELU in its quantization pass: as close to the reference on the GELU's
+    output as the layer run on that output itself; eager and compiled alike."""
+    from qdit.models.activations import gelu_tanh
+
+    lq = (LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=True) if precision == "int4"
+          else LayerQuant(Scheme.SVDQ_NVFP4, lora_rank=32, wtscale=True))
+    layer = make_layer(lq, 12288, 3072, seed=m)
+    layer.expand_fp8_at_load = expanded
+    backend = backend_by_name("svdq-hopper")
+    assert backend.fuse_input_gelu(layer).ok
+    layer.backend = backend
+    backend.prepare(layer)
+    h = torch.randn(m, 12288, device="cuda", dtype=torch.bfloat16) * 2
+    g = gelu_tanh(h)
+    on_gelu = layer(g)
+    ref = svdq_reference_forward(layer, g)
+    layer.input_gelu = True
+    deferred = layer(h)
+    assert "GELU applied as it is quantized" in repr(layer)
+    assert rel(deferred, on_gelu) < 1e-2, rel(deferred, on_gelu)
+    assert rel(deferred, ref) <= 1.1 * rel(on_gelu, ref) + 2e-3, (rel(deferred, ref), rel(on_gelu, ref))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)(h)
+    assert rel(compiled, deferred) < 1e-3, rel(compiled, deferred)
+
+
+def test_exact_backend_keeps_the_gelu_in_the_mlp():
+    layer = make_layer(LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=True), 256, 384, seed=0)
+    verdict = backend_by_name("svdq-hopper-exact").fuse_input_gelu(layer)
+    assert not verdict.ok and "INT4 in its own pass" in verdict.reason

@@ -1,12 +1,19 @@
-"""qdit's tanh-GELU modules compute F.gelu(approximate="tanh") and replace diffusers' without renaming."""
+"""qdit's tanh-GELU modules compute F.gelu(approximate="tanh") and replace diffusers' without renaming; the
+MLP's GELU is deferred to the output Linear where its backend agrees."""
+
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qdit.api import random_transformer
+from qdit.kernels import backend_by_name
+from qdit.kernels.registry import YES, Verdict
 from qdit.models import adapter_by_name
-from qdit.models.activations import LinearTanhGELU, TanhGELU, gelu_tanh
+from qdit.models.activations import (LinearDeferredGELU, LinearTanhGELU, TanhGELU, defer_gelu_to_next_linear,
+                                     gelu_tanh)
+from qdit.quant.layer import QuantLinear
 
 
 def test_gelu_tanh_is_f_gelu():
@@ -32,3 +39,66 @@ def test_loaded_models_use_them_with_unchanged_names_and_output(model, replaced)
     with torch.no_grad():
         out, expected = adapter.output_tensor(ours(**inputs)), adapter.output_tensor(theirs(**inputs))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+class GeluFusingBackend:
+    """The reference backend's math, taking the pre-activation where the layer is told to."""
+
+    name = "gelu-fusing"
+
+    def __init__(self, refusal=""):
+        self.refusal = refusal
+        self.reference = backend_by_name("reference")
+
+    def fuse_input_gelu(self, layer):
+        return Verdict(False, self.refusal) if self.refusal else YES
+
+    def apply(self, layer, x):
+        return self.reference.apply(layer, gelu_tanh(x) if layer.input_gelu else x)
+
+
+def quantized_qwen_image():
+    model = random_transformer("qwen-image", quantize="fp8", quantize_layers="blocks", seed=3)
+    adapter = adapter_by_name("qwen-image")
+    inputs = adapter.example_inputs(dict(model.config), height=64, width=64, text_tokens=8, dtype=torch.bfloat16)
+    return model, adapter, inputs
+
+
+def test_reference_backend_keeps_the_gelu_and_says_why(caplog):
+    with caplog.at_level(logging.INFO, logger="qdit"):
+        model, _, _ = quantized_qwen_image()
+    mlps = 2 * model.config.num_layers  # img_mlp and txt_mlp per block
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("MLPs")] == [
+        f"MLPs: {mlps} GELU not deferred: backend reference has no fused GELU input"]
+    assert not any(isinstance(m, LinearDeferredGELU) for m in model.modules())
+
+
+def test_gelu_deferred_where_the_backend_agrees():
+    model, adapter, inputs = quantized_qwen_image()
+    with torch.no_grad():
+        before = adapter.output_tensor(model(**inputs))
+    names = list(model.state_dict())
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            layer.backend = GeluFusingBackend()
+    outcome = defer_gelu_to_next_linear(model)
+    mlps = [model.transformer_blocks[0].img_mlp, model.transformer_blocks[0].txt_mlp]
+    assert outcome == {"GELU deferred to the output Linear's input quantization": 2 * model.config.num_layers}
+    for mlp in mlps:
+        assert isinstance(mlp.net[0], LinearDeferredGELU) and mlp.net[2].input_gelu
+        assert not mlp.net[0].proj.input_gelu  # fc1 itself is unchanged
+    assert list(model.state_dict()) == names
+    with torch.no_grad():
+        after = adapter.output_tensor(model(**inputs))
+    assert torch.equal(after, before)
+    assert defer_gelu_to_next_linear(model) == {}  # installed again: nothing left to defer
+
+
+def test_gelu_kept_where_the_backend_refuses():
+    model, _, _ = quantized_qwen_image()
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            layer.backend = GeluFusingBackend(refusal="static activation scales")
+    outcome = defer_gelu_to_next_linear(model)
+    assert outcome == {"GELU not deferred: static activation scales": 2 * model.config.num_layers}
+    assert not any(isinstance(m, LinearDeferredGELU) or getattr(m, "input_gelu", False) for m in model.modules())
