@@ -56,17 +56,19 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
-                            scale_k: torch.Tensor, scale_v: torch.Tensor) -> torch.Tensor:
+                            scale_k: torch.Tensor, scale_v: torch.Tensor,
+                            scale_o: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's math in PyTorch: E4M3 codes [B, S, H, D] and their scales -> O's E4M3 codes
-    [B, S_q, H, D] (scaled by scale_v)."""
+    [B, S_q, H, D] (scaled by scale_v): O times scale_o (1 / scale_v unless given), rounded."""
     qf, kf, vf = (c.float() * s for c, s in ((q, scale_q), (k, scale_k), (v, scale_v)))
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) / math.sqrt(q.shape[-1])
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     row_sum = p.sum(dim=-1, keepdim=True)
     p = to_e4m3(p * E4M3_MAX).float() / E4M3_MAX
     out = torch.einsum("bhqk,bkhd->bqhd", p / row_sum, vf)
+    scale_o = 1.0 / scale_v if scale_o is None else scale_o
     # contiguous, as the op's fake implementation (and cuDNN's output) is
-    return to_e4m3(out / scale_v).contiguous()
+    return to_e4m3(out * scale_o).contiguous()
 
 
 class _CudnnGraph:
@@ -104,13 +106,13 @@ class _CudnnGraph:
         self.p_scale = torch.full((1, 1, 1, 1), E4M3_MAX, dtype=torch.float32, device=device)
         self.p_descale = torch.full((1, 1, 1, 1), 1.0 / E4M3_MAX, dtype=torch.float32, device=device)
 
-    def run(self, q, k, v, scale_q, scale_k, scale_v) -> torch.Tensor:
+    def run(self, q, k, v, scale_q, scale_k, scale_v, scale_o) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
         amax = torch.empty(2, 1, 1, 1, dtype=torch.float32, device=q.device)
         workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=q.device)
         pack = {self.q: q, self.k: k, self.v: v, self.scales[0]: scale_q, self.scales[1]: scale_k,
                 self.scales[2]: scale_v, self.scales[3]: self.p_descale, self.scales[4]: self.p_scale,
-                self.scales[5]: 1.0 / scale_v, self.o: out, self.amax_s: amax[0:1], self.amax_o: amax[1:2]}
+                self.scales[5]: scale_o, self.o: out, self.amax_s: amax[0:1], self.amax_o: amax[1:2]}
         cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         self.graph.execute(pack, workspace, handle=self.handle)
         return out
@@ -120,7 +122,7 @@ _GRAPHS: dict[tuple, _CudnnGraph] = {}
 
 
 def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
-                   scale_k: torch.Tensor, scale_v: torch.Tensor) -> torch.Tensor:
+                   scale_k: torch.Tensor, scale_v: torch.Tensor, scale_o: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_sdpa on cuDNN; a clear error where cuDNN's FP8 attention cannot run or has no kernel for
     the shape (checked when a shape's graph is built, not on every call)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the graph's strides are [B, S, H, D]'s
@@ -137,21 +139,23 @@ def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: t
             raise QditError(f"cuDNN has no FP8 attention for q {tuple(q.shape)}, k/v {tuple(k.shape)} "
                             f"([B, S, H, D]) on this GPU: {e}. Use attention='bf16'.") from e
         _GRAPHS[key] = graph
-    return graph.run(q, k, v, scale_q, scale_k, scale_v)
+    return graph.run(q, k, v, scale_q, scale_k, scale_v, 1.0 / scale_v if scale_o is None else scale_o)
 
 
 @torch.library.custom_op("qdit::fp8_sdpa", mutates_args=())
 def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor, scale_k: torch.Tensor,
-             scale_v: torch.Tensor) -> torch.Tensor:
+             scale_v: torch.Tensor, scale_o: torch.Tensor | None = None) -> torch.Tensor:
     """E4M3 q [B, S_q, H, D], k and v [B, S_kv, H, D] with float32 scales [1, 1, 1, 1] -> O's E4M3 codes
-    [B, S_q, H, D], scaled by scale_v. cuDNN on CUDA, the PyTorch reference elsewhere."""
+    [B, S_q, H, D], scaled by scale_v. scale_o, O's quantization factor, is 1 / scale_v: a caller under
+    torch.compile passes it, computed where scale_v is (eager, `1 / scale_v` is two ATen kernels per call).
+    cuDNN on CUDA, the PyTorch reference elsewhere."""
     if q.device.type != "cuda":
-        return fp8_attention_reference(q, k, v, scale_q, scale_k, scale_v)
-    return cudnn_fp8_sdpa(q, k, v, scale_q, scale_k, scale_v)
+        return fp8_attention_reference(q, k, v, scale_q, scale_k, scale_v, scale_o)
+    return cudnn_fp8_sdpa(q, k, v, scale_q, scale_k, scale_v, scale_o)
 
 
 @fp8_sdpa.register_fake
-def _(q, k, v, scale_q, scale_k, scale_v):
+def _(q, k, v, scale_q, scale_k, scale_v, scale_o=None):
     return torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
 
 
@@ -166,7 +170,7 @@ def fp8_attention_of_codes(q8: torch.Tensor, scale_q: torch.Tensor, k8: torch.Te
     """fp8_attention with q and k already E4M3 (as qdit::qk_norm_rope_cat_fp8 writes them); v in the
     model's dtype, which the result [B, S_q, H, D] takes."""
     v8, scale_v = quantize_per_tensor(v.contiguous())
-    out = fp8_sdpa(q8, k8, v8, scale_q, scale_k, scale_v)
+    out = fp8_sdpa(q8, k8, v8, scale_q, scale_k, scale_v, 1.0 / scale_v)
     return (out.float() * scale_v).to(v.dtype)
 
 
