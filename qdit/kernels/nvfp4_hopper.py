@@ -34,18 +34,21 @@ if triton is not None:
     from qdit.kernels.w4_codes import E2M1_UNSCALE, e2m1_fp16_scaled, int4_value
 
     @triton.jit
-    def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, up_ptr, down_ptr, out_ptr, N, K, RANK,
+    def _expand_fp8_kernel(w_ptr, s_ptr, rf_ptr, up_ptr, down_ptr, col_ptr, out_ptr, N, K, RANK,
                            INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_R: tl.constexpr, ROW_TILES: tl.constexpr):
+                           BLOCK_R: tl.constexpr, ROW_TILES: tl.constexpr, HAS_COL: tl.constexpr):
         """ROW_TILES tiles of BLOCK_N rows x BLOCK_B packed bytes (2*BLOCK_B elements) per program, every
-        byte read once: out[n, k] = e4m3(code * scale[n, k / GROUP] * row_factor[n] (+ sum_r up[n, r] * down[r, k])).
-        BLOCK_R > 0 adds a low-rank term (up [N, RANK], down [RANK, K]) on the tensor cores; the program's
-        [RANK, 2*BLOCK_B] slice of `down` is loaded once for its ROW_TILES tiles."""
+        byte read once: out[n, k] = e4m3((code * scale[n, k / GROUP] * row_factor[n] (+ sum_r up[n, r] * down[r, k]))
+        (* col[k])). BLOCK_R > 0 adds a low-rank term (up [N, RANK], down [RANK, K]) on the tensor cores; the
+        program's [RANK, 2*BLOCK_B] slice of `down` is loaded once for its ROW_TILES tiles. HAS_COL scales
+        the columns (an input transform folded into the weight)."""
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)
         kb = K // 2
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         offs_s = pid_b * (BLOCK_B // (GROUP // 2)) + tl.arange(0, BLOCK_B // (GROUP // 2))
         offs_k = pid_b * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        if HAS_COL:
+            col = tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         if BLOCK_R > 0:
             offs_r = tl.arange(0, BLOCK_R)
             down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :],
@@ -71,13 +74,16 @@ if triton is not None:
                 up = tl.load(up_ptr + offs_n[:, None] * RANK + offs_r[None, :],
                              mask=(offs_n < N)[:, None] & (offs_r < RANK)[None, :], other=0.0)
                 w += tl.dot(up, down)
+            if HAS_COL:
+                w = w * col[None, :]
             w = tl.clamp(w, -448.0, 448.0)
             tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(tl.float8e4nv),
                      mask=(offs_n < N)[:, None] & (offs_k[None, :] < K))
 
 
 def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
-                lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None, tiles=None) -> torch.Tensor:
+                lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None,
+                col_factor: torch.Tensor | None = None, tiles=None) -> torch.Tensor:
     n, k = weight.shape[0], weight.shape[1] * 2
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     group = k // scales.shape[1]
@@ -86,10 +92,10 @@ def _expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Te
     block_n, block_b, warps, row_tiles = tiles or EXPAND_TILES[kind]
     rank = lr_up.shape[1] if low_rank else 0
     grid = (triton.cdiv(n, block_n * row_tiles), triton.cdiv(k // 2, block_b))
-    _expand_fp8_kernel[grid](weight, scales, row_factor, lr_up, lr_down, out, n, k, rank, INT4=int4,
+    _expand_fp8_kernel[grid](weight, scales, row_factor, lr_up, lr_down, col_factor, out, n, k, rank, INT4=int4,
                              GROUP=group, BLOCK_N=block_n, BLOCK_B=block_b,
                              BLOCK_R=max(16, triton.next_power_of_2(rank)) if low_rank else 0,
-                             ROW_TILES=row_tiles, num_warps=warps)
+                             ROW_TILES=row_tiles, HAS_COL=col_factor is not None, num_warps=warps)
     return out
 
 
@@ -110,20 +116,22 @@ LOW_RANK_LARGE = 3072 * 3072 * 2  # weights above this many elements take the "l
 
 @torch.library.custom_op("qdit::w4_expand_fp8", mutates_args=())
 def w4_expand_fp8(weight: torch.Tensor, scales: torch.Tensor, row_factor: torch.Tensor, int4: bool,
-                  lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None) -> torch.Tensor:
-    """packed codes [N, K/2] -> FP8 [N, K] = e4m3(value(code) * scale * row_factor[n] + (lr_up @ lr_down)[n, k]):
-    NVFP4 (e2m1 codes, e4m3 scales per 16) or INT4 (two's-complement codes, scales per 64); the low-rank
-    term (lr_up [N, r], lr_down [r, K]) is optional."""
-    return _expand_fp8(weight, scales, row_factor, int4, lr_up, lr_down)
+                  lr_up: torch.Tensor | None = None, lr_down: torch.Tensor | None = None,
+                  col_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """packed codes [N, K/2] -> FP8 [N, K] = e4m3((value(code) * scale * row_factor[n] + (lr_up @ lr_down)[n, k])
+    * col_factor[k]): NVFP4 (e2m1 codes, e4m3 scales per 16) or INT4 (two's-complement codes, scales per 64);
+    the low-rank term (lr_up [N, r], lr_down [r, K]) and the column factor (float32 [K]) are optional."""
+    return _expand_fp8(weight, scales, row_factor, int4, lr_up, lr_down, col_factor)
 
 
 @w4_expand_fp8.register_fake
-def _(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
+def _(weight, scales, row_factor, int4, lr_up=None, lr_down=None, col_factor=None):
     return torch.empty((weight.shape[0], weight.shape[1] * 2), dtype=torch.float8_e4m3fn, device=weight.device)
 
 
 def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch.Tensor | float = 1.0,
-                       low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                       low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       column_factor: torch.Tensor | None = None) -> None:
     """The W4A8 route's buffers for a layer whose dequantized weight (layer.method.dequantize) is
     decoded code * group scale * factor[n], its packed codes and group scales being the tensors named
     `codes` and `scales`: its per-row FP8 scale and the factor mapping the group-scaled codes onto it.
@@ -131,6 +139,9 @@ def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch
     low_rank: (down [r, K], up [N, r]) of a low-rank branch that reads the same input as the 4-bit
     weight. It is folded into the expansion (FP8 weight = e4m3((W + up @ down) / row_scale), the row
     scale covering the sum), so the branch costs no GEMMs of its own and its output no extra pass.
+
+    column_factor [K]: the weight's columns (low-rank term included) are multiplied by it, folding an
+    input transform x -> x * column_factor (smoothing) into the weight: the input is then quantized as is.
 
     With layer.expand_fp8_at_load the FP8 weight is expanded here, once, and the packed codes and
     scales are released: the memory of an FP8 checkpoint instead of a 4-bit one, no expansion per call;
@@ -142,6 +153,8 @@ def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch
     if low_rank is not None:
         down, up = low_rank
         weight = weight + up.float() @ down.float()
+    if column_factor is not None:
+        weight = weight * column_factor.float()
     row_amax = weight.abs().amax(dim=1)
     del weight
     row_scale = torch.where(row_amax > 0, row_amax / numerics.E4M3_MAX, torch.ones_like(row_amax))
@@ -154,10 +167,12 @@ def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch
     layer.w4a8_codes, layer.w4a8_int4 = (codes, scales), int4
     layer.register_buffer("w4a8_lr_up", lr_up, persistent=False)
     layer.register_buffer("w4a8_lr_down", lr_down, persistent=False)
+    layer.register_buffer("w4a8_col_factor", None if column_factor is None else column_factor.float().contiguous(),
+                          persistent=False)
     layer.register_buffer("w4a8_weight", None, persistent=False)
     if layer.expand_fp8_at_load:
         layer.w4a8_weight = w4a8_weight(layer)
-        layer.w4a8_lr_up = layer.w4a8_lr_down = None
+        layer.w4a8_lr_up = layer.w4a8_lr_down = layer.w4a8_col_factor = None
         layer.release(codes, scales)
 
 
@@ -167,7 +182,7 @@ def w4a8_weight(layer) -> torch.Tensor:
         return layer.w4a8_weight
     codes, scales = layer.w4a8_codes
     return w4_expand_fp8(layer.tensor(codes), layer.tensor(scales), layer.w4a8_row_factor, layer.w4a8_int4,
-                         layer.w4a8_lr_up, layer.w4a8_lr_down)
+                         layer.w4a8_lr_up, layer.w4a8_lr_down, layer.w4a8_col_factor)
 
 
 def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None,

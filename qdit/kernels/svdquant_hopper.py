@@ -2,9 +2,10 @@
 
 - SVDQ_INT4 (W4A4, per-64 groups), two routes:
   * svdq-hopper (chosen automatically): W4A8 at every M, as the NVFP4 routes do it. The INT4 weight is
-    expanded per call into an FP8 scratch tensor (e4m3(code * scale / row_scale), row scale fixed at
-    load), the smoothed (and GELU-shifted) input is quantized to FP8 per token, and cuBLASLt's FP8 GEMM
-    multiplies. An exact W4A4 GEMM must rescale its int32 result for every 64-group, which keeps the
+    expanded (per call, or once at load with weights_4bit="expanded_fp8") into an FP8 tensor
+    (e4m3(code * scale / smooth[k] / row_scale), row scale fixed at load), the input is quantized to FP8
+    per token as it comes (smoothing and GELU shift folded into the weight and bias), and cuBLASLt's FP8
+    GEMM multiplies. An exact W4A4 GEMM must rescale its int32 result for every 64-group, which keeps the
     tensor cores mostly idle; the GPU tests check W4A8 is at least as close to the unquantized-activation
     layer as W4A4 is.
   * svdq-hopper-exact (forced only): Nunchaku's exact W4A4 arithmetic on INT8 tensor cores. One
@@ -22,17 +23,19 @@
   (code * scale + zero per 64-group) once: a GEMV at one row, a tensor-core kernel above.
 
 The low-rank branch reads the unsmoothed input, as in Nunchaku. On the exact route its down-projection
-is one bf16 GEMM, its up-projection in the GEMM's epilogue. On the W4A8 route it is rewritten on the
-smoothed input (down-projection times the smoothing factors; the GELU shift's share a bias term) and
-folded into the FP8 weight as it is expanded (qdit.kernels.nvfp4_hopper.prepare_w4a8_route).
+is one bf16 GEMM, its up-projection in the GEMM's epilogue. On the W4A8 route the whole layer is
+rewritten on the unsmoothed input: FP8 weight = W / smooth (per column) + up @ down, built by the expansion
+(qdit.kernels.nvfp4_hopper.prepare_w4a8_route), bias + shift * rowsum(W / smooth) for the GELU-shift
+layers. So its input needs no transform, layers reading one input fuse whatever their smoothing, and an
+MLP's GELU is computed in the quantization pass (fuse_input_gelu).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_transformed, triton
-from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_gemm, w4a8_matmul
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_transformed, quantize_per_token, triton
+from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_matmul
 from qdit.kernels.registry import YES, Verdict
 from qdit.kernels.w4_gemv import awq_w4a16_gemm
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -200,18 +203,22 @@ class SVDQuantHopperBackend:
             factor = factor * layer.tensor("wtscale").float()
         if lq.wcscales:
             factor = factor * layer.tensor("wcscales").float()
-        # The 4-bit weight reads xs = (x + shift) / smooth; the low-rank branch reads x = xs * smooth - shift.
-        # Rewritten on xs, the branch folds into the expanded weight (down scaled by smooth) and a bias.
+        # The 4-bit weight reads xs = (x + shift) / smooth, the low-rank branch x. Both fold into one FP8
+        # weight on x: W / smooth (columns) + up @ down, which the expansion builds as (W + up @ (down *
+        # smooth)) / smooth; the shift becomes the bias term shift * rowsum(W / smooth). The input is then
+        # quantized as it comes (an FP8 activation needs no smoothing: its step is relative to each value).
+        if "qweight" in layer.released:
+            return  # prepared before, its weight expanded at load: every buffer is in place
         smooth = layer.tensor("smooth_factor").float()
-        proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
-        prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4, factor=factor,
-                           low_rank=((proj_down * smooth[:, None]).t(), proj_up))
+        inverse_smooth = 1.0 / smooth
         bias = layer.bias.float() if layer.bias is not None else None
         if lq.gelu_shift:
-            shift_term = GELU_SHIFT * (proj_up @ proj_down.sum(0))
-            bias = -shift_term if bias is None else bias - shift_term
+            shift_term = GELU_SHIFT * (layer.method.dequantize(layer).float() @ inverse_smooth)
+            bias = shift_term if bias is None else bias + shift_term
         layer.register_buffer("w4a8_bias", None if bias is None else bias.to(dtype), persistent=False)
-        layer.register_buffer("inverse_smooth", (1.0 / smooth).to(dtype), persistent=False)
+        proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
+        prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4, factor=factor,
+                           low_rank=((proj_down * smooth[:, None]).t(), proj_up), column_factor=inverse_smooth)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -228,13 +235,12 @@ class SVDQuantHopperBackend:
             y = svdq_int4_gemm(q, act_scale, layer.tensor("qweight"), layer.tensor("wscales"), layer.bias,
                                lora_act, layer.tensor("proj_up"))
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        # The low-rank branch is folded into the expanded weight, its GELU-shift term into w4a8_bias.
-        shift = GELU_SHIFT if lq.gelu_shift else 0.0  # the shift: INT4 layers only
-        if layer.input_gelu:  # x is the MLP's pre-activation (qdit.quant.gelu_input)
-            xq, scale_a = fp8_quant_per_token_transformed(x2d, True, shift, layer.inverse_smooth)
-            y = w4a8_matmul(layer, xq, scale_a, layer.w4a8_bias)
+        # Smoothing, shift and low-rank branch are folded into the FP8 weight and w4a8_bias (prepare).
+        if layer.input_gelu:  # x is the MLP's pre-activation (qdit.models.activations.defer_gelu_to_next_linear)
+            xq, scale_a = fp8_quant_per_token_transformed(x2d, True, 0.0, None)
         else:
-            y = w4a8_gemm(layer, (x2d + shift if shift else x2d) * layer.inverse_smooth, bias=layer.w4a8_bias)
+            xq, scale_a = quantize_per_token(x2d)
+        y = w4a8_matmul(layer, xq, scale_a, layer.w4a8_bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fuse_input_gelu(self, layer) -> Verdict:
@@ -246,14 +252,13 @@ class SVDQuantHopperBackend:
         return YES
 
     def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:
-        """SVDQuant layers on the W4A8 route (Nunchaku fuses q, k and v into one layer, so after conversion
-        they share one smoothing vector)."""
+        """SVDQuant layers on the W4A8 route."""
         if any(layer.layer_quant.scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4) for layer in layers):
             return None, "not all of them are SVDQuant W4A4 layers"
         if not self.int4_w4a8:
             return None, f"backend {self.name} computes each layer alone"
-        inputs = [(GELU_SHIFT if layer.layer_quant.gelu_shift else None, layer.inverse_smooth) for layer in layers]
-        return fuse_w4a8_layers(layers, inputs, [layer.w4a8_bias for layer in layers])
+        # Their smoothing and shift are folded into each one's weight and bias: the input is shared as is.
+        return fuse_w4a8_layers(layers, [(None, None)] * len(layers), [layer.w4a8_bias for layer in layers])
 
 
 class SVDQuantHopperExactBackend(SVDQuantHopperBackend):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from qdit.errors import QditError
-from qdit.kernels import nvfp4_hopper, w4_codes
+from qdit.kernels import nvfp4_hopper, svdquant_hopper, w4_codes
 from qdit.kernels.nvfp4_hopper import NVFP4HopperBackend
 from qdit.kernels.svdquant_hopper import SVDQuantHopperBackend
 from qdit.kernels.w4_gemv import GEMV_MAX_M
+from qdit.models.activations import gelu_tanh
 from qdit.quant import numerics
 from qdit.quant.layer import QuantLinear
 from qdit.quant.scheme import ActivationScale, LayerQuant, Scheme
@@ -27,7 +28,7 @@ def _gemv(x, weight, block_scale, global_scale, bias):
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _expand(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
+def _expand(weight, scales, row_factor, int4, lr_up=None, lr_down=None, col_factor=None):
     if int4:
         codes = int4_decode(numerics.unpack_nibbles(weight))
         w = codes * scales.float().repeat_interleave(64, dim=1) * row_factor[:, None]
@@ -35,7 +36,14 @@ def _expand(weight, scales, row_factor, int4, lr_up=None, lr_down=None):
         w = _dequantize(weight, scales, torch.ones(())) * row_factor[:, None]
     if lr_up is not None:
         w = w + lr_up.float() @ lr_down.float()
+    if col_factor is not None:
+        w = w * col_factor.float()
     return numerics.to_e4m3(w)
+
+
+def _quant_transformed(x, gelu, shift, multiplier):
+    t = (gelu_tanh(x.float()) if gelu else x.float()) + shift
+    return numerics.fp8_quantize_per_token(t * multiplier.float() if multiplier is not None else t)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +52,8 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "w4_expand_fp8", _expand)
     monkeypatch.setattr(nvfp4_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
     monkeypatch.setattr(nvfp4_hopper, "quantize_static", numerics.fp8_quantize_static)
+    monkeypatch.setattr(svdquant_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
+    monkeypatch.setattr(svdquant_hopper, "fp8_quant_per_token_transformed", _quant_transformed)
 
 
 def _layer(lq, gen):
@@ -102,8 +112,9 @@ def nunchaku_int4_gelu_layer(gen):
 @pytest.mark.parametrize("make", [nunchaku_int4_layer, nunchaku_int4_gelu_layer])
 @pytest.mark.parametrize("m", [1, GEMV_MAX_M + 1, 200])
 def test_int4_w4a8_route_computes_the_layer(make, m):
-    """svdq-hopper's INT4 route (every M): FP8 activations (shift and smoothing applied first) times the
-    INT4 weight expanded to FP8; only FP8 rounding separates it from the unquantized-activation layer."""
+    """svdq-hopper's INT4 route (every M): FP8 activations times the INT4 weight expanded to FP8 with the
+    smoothing, the low-rank branch and (in the bias) the GELU shift folded in; only FP8 rounding separates
+    it from the unquantized-activation layer."""
     gen = torch.Generator().manual_seed(m)
     backend, layer, exact = make(gen)
     backend.prepare(layer)
@@ -112,6 +123,24 @@ def test_int4_w4a8_route_computes_the_layer(make, m):
         x = torch.nn.functional.gelu(x, approximate="tanh")
     want = exact(x)
     assert ((backend.apply(layer, x).float() - want).norm() / want.norm()).item() < 0.06
+
+
+@pytest.mark.parametrize("make", [nunchaku_int4_gelu_layer, nunchaku_nvfp4_layer])
+@pytest.mark.parametrize("m", [1, 200])
+def test_deferred_gelu_computes_the_layer_on_the_gelu_output(make, m):
+    """With input_gelu the layer takes the MLP's pre-activation and applies the GELU in its quantization:
+    the same output as the layer on the GELU's output (here, where the torch stand-in of the op rounds
+    nothing in between, equal)."""
+    gen = torch.Generator().manual_seed(m)
+    backend, layer, exact = make(gen)
+    backend.prepare(layer)
+    h = torch.randn(m, K, generator=gen).to(torch.bfloat16) * 2
+    on_gelu = backend.apply(layer, gelu_tanh(h.float()))
+    assert backend.fuse_input_gelu(layer).ok
+    layer.input_gelu = True
+    assert torch.equal(backend.apply(layer, h.float()), on_gelu)
+    want = exact(gelu_tanh(h.float()))
+    assert ((on_gelu.float() - want).norm() / want.norm()).item() < W4A8_BOUND
 
 
 def modelopt_w4a16_layer(gen):
