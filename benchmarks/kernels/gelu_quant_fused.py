@@ -1,10 +1,11 @@
 """The input of an SVDQuant MLP's second Linear (Qwen-Image, 1024², batch 1: 4096 x 12288 image rows, 256
-text rows): tanh-GELU + Nunchaku's GELU shift + smoothing + per-token E4M3, from fc1's output (its bias
-already added in the GEMM's epilogue).
-- "inductor + op": what runs without the GELU deferral: inductor computes the GELU, shift and smoothing
-  and writes them in bf16, then qdit::fp8_quant_per_token reads that back;
-- "fused op": qdit::fp8_quant_per_token_transformed (the GELU inside the quantization pass), at several
-  (BLOCK_K cap, warps) tiles; a cap >= 12288 holds the whole row in one block (one read, one GELU).
+text rows): tanh-GELU + per-token E4M3, from fc1's output (its bias already added in the GEMM's epilogue).
+- "inductor + op": what ran before the GELU deferral: inductor computes the GELU (and Nunchaku's GELU shift
+  and smoothing, since folded into the weight) and writes them in bf16, then qdit::fp8_quant_per_token
+  reads that back;
+- "fused op": qdit::fp8_quant_per_token_transformed (the GELU inside the quantization pass, nothing else:
+  svdq-hopper's use), at several (BLOCK_K cap, warps) tiles; a cap >= 12288 holds the whole row in one
+  block (one read, one GELU); once more with the shift and a multiplier vector, at the default tile.
 A bf16 copy of the same tensor gives the bandwidth ceiling. Codes are compared with the first fused tile's.
 Run: python benchmarks/kernels/gelu_quant_fused.py [OUT_FILE]
 """
@@ -40,8 +41,10 @@ def main(out_path=None):
         cases = [("bf16 copy (ceiling; 4 bytes per element)", lambda: h.clone(), "copy"),
                  ("inductor + op (no deferral)", lambda: compiled(h, inv_smooth), None)]
         cases += [(f"fused op, BLOCK_K cap {b}, {w} warps",
-                   lambda b=b, w=w: launch_quant_per_token(h, True, GELU_SHIFT, inv_smooth, tiles=(b, w)), "fused")
+                   lambda b=b, w=w: launch_quant_per_token(h, True, tiles=(b, w)), "fused")
                   for b, w in TILES]
+        cases.append(("fused op + shift + multiplier, default tile",
+                      lambda: launch_quant_per_token(h, True, GELU_SHIFT, inv_smooth), None))
         first = None
         for name, fn, kind in cases:
             out = fn()
