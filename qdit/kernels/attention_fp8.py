@@ -169,9 +169,16 @@ def fp8_attention_of_codes(q8: torch.Tensor, scale_q: torch.Tensor, k8: torch.Te
                            v: torch.Tensor) -> torch.Tensor:
     """fp8_attention with q and k already E4M3 (as qdit::qk_norm_rope_cat_fp8 writes them); v in the
     model's dtype, which the result [B, S_q, H, D] takes."""
-    v8, scale_v = quantize_per_tensor(v.contiguous())
-    out = fp8_sdpa(q8, k8, v8, scale_q, scale_k, scale_v, 1.0 / scale_v)
+    out, scale_v = fp8_attention_codes(q8, scale_q, k8, scale_k, v)
     return (out.float() * scale_v).to(v.dtype)
+
+
+def fp8_attention_codes(q8: torch.Tensor, scale_q: torch.Tensor, k8: torch.Tensor, scale_k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_attention_of_codes before its dequantization: O's E4M3 codes [B, S_q, H, D] and their scale
+    (v's, [1, 1, 1, 1]), for a consumer that multiplies FP8 codes (qdit.quant.fp8_input)."""
+    v8, scale_v = quantize_per_tensor(v.contiguous())
+    return fp8_sdpa(q8, k8, v8, scale_q, scale_k, scale_v, 1.0 / scale_v), scale_v
 
 
 def check_fp8_attention(device: torch.device, where: str) -> None:

@@ -243,6 +243,20 @@ class SVDQuantHopperBackend:
         y = w4a8_matmul(layer, xq, scale_a, layer.w4a8_bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    def takes_fp8_input(self, layer) -> bool:
+        """Layers on the W4A8 route multiply an FP8 activation's codes as they are (qdit.quant.fp8_input):
+        their input needs no transform (smoothing is folded into the weight)."""
+        scheme = layer.layer_quant.scheme
+        return scheme is Scheme.SVDQ_NVFP4 or (scheme is Scheme.SVDQ_INT4 and self.int4_w4a8)
+
+    def apply_fp8_input(self, layer, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer on codes [..., K] (E4M3) times scale (one float32): cuBLASLt's row-wise mode takes the
+        activation's one scale repeated per row."""
+        c2d = codes.reshape(-1, codes.shape[-1])
+        scale_a = scale.reshape(1, 1).expand(c2d.shape[0], 1).contiguous()
+        y = w4a8_matmul(layer, c2d, scale_a, layer.w4a8_bias)
+        return y.reshape(*codes.shape[:-1], y.shape[-1])
+
     def fuse_input_gelu(self, layer) -> Verdict:
         """The W4A8 route applies the MLP's tanh-GELU in its per-token quantization pass."""
         if layer.layer_quant.scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4):

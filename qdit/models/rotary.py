@@ -22,8 +22,9 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from qdit.errors import QditError
-from qdit.kernels.attention_fp8 import fp8_attention_of_codes, quantize_per_tensor
+from qdit.kernels.attention_fp8 import fp8_attention_codes, quantize_per_tensor
 from qdit.kernels.qk_norm_rope import qk_norm_rope_cat, qk_norm_rope_cat_fp8
+from qdit.quant.fp8_input import FP8Activation, linear, take_rows
 from qdit.quant.shared_input import project
 
 log = logging.getLogger("qdit")
@@ -109,13 +110,16 @@ class _DispatchedAttention:
         """Refuse a model whose inputs to the processor are not what it assumes (before it is installed)."""
 
     def _attend(self, q_streams: list[torch.Tensor], k_streams: list[torch.Tensor], q_norms: list, k_norms: list,
-                pairs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                pairs: list[torch.Tensor] | None, v: torch.Tensor, mask: torch.Tensor | None,
+                ) -> torch.Tensor | FP8Activation:
         """Attention of the streams' queries and keys (each through its norm and rotated by its (cos, sin)
-        pairs, concatenated along S) over v [B, S, H, D]; returns [B, S, H * D] in v's dtype."""
+        pairs, concatenated along S) over v [B, S, H, D]; returns [B, S, H * D] in v's dtype, or in FP8
+        the kernel's E4M3 codes with their scale, for the output projections (qdit.quant.fp8_input.linear)."""
         if self.fp8 and mask is None:
             q8, scale_q = normalize_rotate_concat_fp8(q_streams, q_norms, pairs)
             k8, scale_k = normalize_rotate_concat_fp8(k_streams, k_norms, pairs)
-            return fp8_attention_of_codes(q8, scale_q, k8, scale_k, v).flatten(2, 3)
+            codes, scale_v = fp8_attention_codes(q8, scale_q, k8, scale_k, v)
+            return FP8Activation(codes.flatten(2, 3), scale_v, v.dtype)
         q = normalize_rotate_concat(q_streams, q_norms, pairs)
         k = normalize_rotate_concat(k_streams, k_norms, pairs)
         out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
@@ -150,10 +154,10 @@ class QwenImageJointAttention(_DispatchedAttention):
         joint = self._attend([txt[0], img[0]], [txt[1], img[1]], [attn.norm_added_q, attn.norm_q],
                              [attn.norm_added_k, attn.norm_k], pairs, v, mask)
         seq_txt = encoder_hidden_states.shape[1]
-        img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
+        img_out = linear(attn.to_out[0], take_rows(joint, seq_txt, None))
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)  # dropout
-        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+        return img_out, linear(attn.to_add_out, take_rows(joint, 0, seq_txt))
 
 
 class ZImageAttention(_DispatchedAttention):
@@ -166,7 +170,7 @@ class ZImageAttention(_DispatchedAttention):
         pairs = None if freqs_cis is None else [torch.view_as_real(freqs_cis)]
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        out = attn.to_out[0](self._attend([q], [k], [attn.norm_q], [attn.norm_k], pairs, v, attention_mask))
+        out = linear(attn.to_out[0], self._attend([q], [k], [attn.norm_q], [attn.norm_k], pairs, v, attention_mask))
         if len(attn.to_out) > 1:
             out = attn.to_out[1](out)  # dropout
         return out
@@ -212,10 +216,10 @@ class FluxAttention(_DispatchedAttention):
             joint_pairs = torch.stack((cos[:, 0::2], sin[:, 0::2]), dim=-1).float()
             pairs = [joint_pairs[:seq_txt], joint_pairs[seq_txt:]] if joint_text else [joint_pairs]
         joint = self._attend(q_streams, k_streams, q_norms, k_norms, pairs, v, attention_mask)
-        if not joint_text:
-            return joint
-        img_out = attn.to_out[1](attn.to_out[0](joint[:, seq_txt:].contiguous()))  # projection, dropout
-        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+        if not joint_text:  # a single-stream block: its caller concatenates the attention with the MLP's input
+            return joint.dequantize() if isinstance(joint, FP8Activation) else joint
+        img_out = attn.to_out[1](linear(attn.to_out[0], take_rows(joint, seq_txt, None)))  # projection, dropout
+        return img_out, linear(attn.to_add_out, take_rows(joint, 0, seq_txt))
 
 
 def _flux_projections(attn, x: torch.Tensor, text: bool) -> list[torch.Tensor]:

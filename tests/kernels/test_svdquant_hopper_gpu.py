@@ -178,6 +178,16 @@ def test_converted_tiny_qwen_image_runs_on_the_gpu_backend(tmp_path, precision):
             del parent._modules[name]
         # unfused: the FP8 weight each call would expand, built once: the same output
         assert torch.equal(expanded(**inputs)[0], a)
+    # FP8 attention: the output projections multiply the attention's E4M3 codes as they are
+    # (qdit.quant.fp8_input), eager and compiled.
+    fp8_attention = qdit.load_transformer(folder, device="cuda", weights_4bit="expanded_fp8", attention="fp8")
+    with torch.no_grad():
+        d = fp8_attention(**inputs)[0]
+        assert rel(d, c) < 0.05, rel(d, c)
+        for block in fp8_attention.transformer_blocks:
+            block.compile(fullgraph=True)
+        assert rel(fp8_attention(**inputs)[0], d) < 0.02
+    torch._dynamo.reset()
     if precision == "int4":  # Nunchaku's own arithmetic, forced
         exact = qdit.load_transformer(folder, device="cuda", backend="svdq-hopper-exact")
         with torch.no_grad():
@@ -276,3 +286,23 @@ def test_exact_backend_keeps_the_gelu_in_the_mlp():
     layer = make_layer(LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=True), 256, 384, seed=0)
     verdict = backend_by_name("svdq-hopper-exact").fuse_input_gelu(layer)
     assert not verdict.ok and "INT4 in its own pass" in verdict.reason
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 256, 4096])
+def test_fp8_input_is_the_layer_on_its_dequantized_value(precision, m):
+    """An E4M3 activation with one scale (the FP8 attention's output) multiplied as it is: the layer's
+    output on the dequantized activation, up to that path's second (per-token) rounding."""
+    from qdit.kernels.attention_fp8 import quantize_per_tensor
+    from qdit.quant.fp8_input import FP8Activation, linear
+
+    layers, backend = qkv_layers(precision, 3072, 3072, seed=m)
+    layer = layers[0]
+    codes, scale = quantize_per_tensor(torch.randn(1, m, 3072, device="cuda", dtype=torch.bfloat16))
+    activation = FP8Activation(codes, scale, torch.bfloat16)
+    assert backend.takes_fp8_input(layer)
+    got = linear(layer, activation)
+    want = layer(activation.dequantize())
+    assert got.shape == want.shape == (1, m, 3072)
+    assert rel(got, want) < 2e-2, rel(got, want)
+    assert rel(got, svdq_reference_forward(layer, activation.dequantize()[0])) < 0.2
