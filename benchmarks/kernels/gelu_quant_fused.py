@@ -1,11 +1,12 @@
 """The input of an SVDQuant MLP's second Linear (Qwen-Image, 1024², batch 1: 4096 x 12288 image rows, 256
-text rows): tanh-GELU + per-token E4M3, from fc1's output (its bias already added in the GEMM's epilogue).
-- "inductor + op": what ran before the GELU deferral: inductor computes the GELU (and Nunchaku's GELU shift
-  and smoothing, since folded into the weight) and writes them in bf16, then qdit::fp8_quant_per_token
-  reads that back;
-- "fused op": qdit::fp8_quant_per_token_transformed (the GELU inside the quantization pass, nothing else:
-  svdq-hopper's use), at several (BLOCK_K cap, warps) tiles; a cap >= 12288 holds the whole row in one
-  block (one read, one GELU); once more with the shift and a multiplier vector, at the default tile.
+text rows): fc1's bias + tanh-GELU + per-token E4M3, from fc1's bare GEMM output.
+- "inductor + op": what ran before the GELU deferral: inductor adds the bias, computes the GELU (and
+  Nunchaku's GELU shift and smoothing, since folded into the weight) and writes them in bf16, then
+  qdit::fp8_quant_per_token reads that back;
+- "fused op": the pass behind qdit::fp8_quant_per_token_gelu (bias and GELU inside the quantization
+  pass), at several (BLOCK_K, warps) tiles; a BLOCK_K >= 12288 holds the whole row in one block (one read,
+  one GELU), smaller ones go in chunks (the row read twice, the GELU computed twice); "default" is the
+  tile qdit picks.
 A bf16 copy of the same tensor gives the bandwidth ceiling. Codes are compared with the first fused tile's.
 Run: python benchmarks/kernels/gelu_quant_fused.py [OUT_FILE]
 """
@@ -20,12 +21,12 @@ from qdit.kernels.fp8_scaled_mm import fp8_quant_per_token, launch_quant_per_tok
 from qdit.models.activations import gelu_tanh
 from qdit.quant.svdquant import GELU_SHIFT
 
-TILES = [(4096, 8), (2048, 4), (2048, 8), (4096, 16), (8192, 16), (16384, 16), (16384, 32)]
+TILES = [None, (4096, 8), (2048, 8), (4096, 16), (16384, 8), (16384, 16), (16384, 32)]
 dev = torch.device("cuda")
 
 
-def unfused(h, inv_smooth):
-    return fp8_quant_per_token((gelu_tanh(h) + GELU_SHIFT) * inv_smooth)
+def unfused(h, bias, inv_smooth):
+    return fp8_quant_per_token((gelu_tanh(h + bias) + GELU_SHIFT) * inv_smooth)
 
 
 def main(out_path=None):
@@ -38,13 +39,12 @@ def main(out_path=None):
         gen = torch.Generator(device=dev).manual_seed(m)
         h = (torch.randn(m, k, device=dev, generator=gen) * 2).bfloat16()
         inv_smooth = (1.0 / (0.5 + torch.rand(k, device=dev, generator=gen))).bfloat16()
+        bias = torch.randn(k, device=dev, generator=gen).bfloat16()
         cases = [("bf16 copy (ceiling; 4 bytes per element)", lambda: h.clone(), "copy"),
-                 ("inductor + op (no deferral)", lambda: compiled(h, inv_smooth), None)]
-        cases += [(f"fused op, BLOCK_K cap {b}, {w} warps",
-                   lambda b=b, w=w: launch_quant_per_token(h, True, tiles=(b, w)), "fused")
-                  for b, w in TILES]
-        cases.append(("fused op + shift + multiplier, default tile",
-                      lambda: launch_quant_per_token(h, True, GELU_SHIFT, inv_smooth), None))
+                 ("inductor + op (no deferral)", lambda: compiled(h, bias, inv_smooth), None)]
+        cases += [(f"fused op, {'default tile' if t is None else f'BLOCK_K {t[0]}, {t[1]} warps'}",
+                   lambda t=t: launch_quant_per_token(h, bias, gelu=True, tiles=t), "fused")
+                  for t in TILES]
         first = None
         for name, fn, kind in cases:
             out = fn()

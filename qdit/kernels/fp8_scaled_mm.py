@@ -36,27 +36,24 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _input_transform(x, mult_ptr, k_offs, mask, GELU: tl.constexpr, SHIFT: tl.constexpr,
-                         HAS_MULT: tl.constexpr):
-        """(gelu_tanh(x) if GELU) + SHIFT, times multiplier[k] if HAS_MULT; float32 throughout."""
+    def _input_transform(x, bias_ptr, k_offs, mask, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        """gelu_tanh(x + bias[k]) (each part where asked), float32 throughout."""
+        if HAS_BIAS:
+            x = x + tl.load(bias_ptr + k_offs, mask=mask, other=0.0).to(tl.float32)
         if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
             x = x * (0.5 + 0.5 * _tanh_approx(x * (0.7978845608028654 + 0.03567740813636141 * x * x)))
-        if SHIFT != 0.0:
-            x = x + SHIFT
-        if HAS_MULT:
-            x = x * tl.load(mult_ptr + k_offs, mask=mask, other=0.0).to(tl.float32)
         return x
 
     @triton.jit
-    def _quant_per_token_kernel(x_ptr, mult_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr,
-                                GELU: tl.constexpr, SHIFT: tl.constexpr, HAS_MULT: tl.constexpr):
+    def _quant_per_token_kernel(x_ptr, bias_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
         """Per-token E4M3 of t = transform(x) (see _input_transform), one row per program."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_K)
         if BLOCK_K >= K:  # the row in one block: read and transformed once
             m = offs < K
             x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
-            t = _input_transform(x, mult_ptr, offs, m, GELU, SHIFT, HAS_MULT)
+            t = _input_transform(x, bias_ptr, offs, m, HAS_BIAS, GELU)
             row_amax = tl.max(tl.where(m, tl.abs(t), 0.0), axis=0)
             scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
             tl.store(s_ptr + row, scale)
@@ -68,7 +65,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 m = (k0 + offs) < K
                 x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-                t = _input_transform(x, mult_ptr, k0 + offs, m, GELU, SHIFT, HAS_MULT)
+                t = _input_transform(x, bias_ptr, k0 + offs, m, HAS_BIAS, GELU)
                 amax = tl.maximum(amax, tl.where(m, tl.abs(t), 0.0))
             row_amax = tl.max(amax, axis=0)
             scale = tl.where(row_amax > 0, row_amax / 448.0, 1.0)
@@ -76,7 +73,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 m = (k0 + offs) < K
                 x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-                t = _input_transform(x, mult_ptr, k0 + offs, m, GELU, SHIFT, HAS_MULT)
+                t = _input_transform(x, bias_ptr, k0 + offs, m, HAS_BIAS, GELU)
                 q = tl.clamp(t / scale, -448.0, 448.0)
                 tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.float8e4nv), mask=m)
 
@@ -90,22 +87,30 @@ if triton is not None:
         tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=m)
 
 
-# (BLOCK_K cap, warps at BLOCK_K >= 2048) of the per-token pass.
-PER_TOKEN_TILES = (4096, 8)
+# The per-token pass holds a row of up to ROW_IN_ONE_BLOCK values in one block (read and transformed once,
+# ROW_WARPS warps); wider rows go in CHUNK_TILES = (BLOCK_K, warps) chunks, read twice (the second time
+# mostly from L2). On an H100 the MLP hidden's GELU + quantization (4096 x 12288) took 56.1 us in one block
+# of 16 warps, 61.3 us in 4096-wide chunks of 8 warps, 74-78 us with 8192/16 or 16384/32
+# (benchmarks/results/h100-2026-12-06b/run1-gelu-quant.txt).
+ROW_IN_ONE_BLOCK, ROW_WARPS = 16384, 16
+CHUNK_TILES = (4096, 8)
 
 
-def launch_quant_per_token(x: torch.Tensor, gelu: bool = False, shift: float = 0.0,
-                           multiplier: torch.Tensor | None = None,
-                           tiles: tuple[int, int] = PER_TOKEN_TILES) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-token Triton pass over x [M, K] (contiguous rows); see fp8_quant_per_token_transformed."""
+def launch_quant_per_token(x: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+                           tiles: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token Triton pass over x [M, K] (contiguous rows); see fp8_quant_per_token_gelu. tiles:
+    (BLOCK_K, warps), for benchmarks; a BLOCK_K >= K holds the row in one block."""
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), tiles[0])
-        _quant_per_token_kernel[(m,)](x, multiplier, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, GELU=gelu,
-                                      SHIFT=float(shift), HAS_MULT=multiplier is not None,
-                                      num_warps=tiles[1] if block >= 2048 else 4)
+        if tiles is None:
+            whole = triton.next_power_of_2(k)
+            tiles = (whole, ROW_WARPS if whole >= 8192 else 8 if whole >= 2048 else 4) \
+                if whole <= ROW_IN_ONE_BLOCK else CHUNK_TILES
+        block, warps = tiles
+        _quant_per_token_kernel[(m,)](x, bias, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block,
+                                      HAS_BIAS=bias is not None, GELU=gelu, num_warps=warps)
     return q, s
 
 
@@ -121,18 +126,17 @@ def _(x):
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 
 
-@torch.library.custom_op("qdit::fp8_quant_per_token_transformed", mutates_args=())
-def fp8_quant_per_token_transformed(x: torch.Tensor, gelu: bool, shift: float,
-                                    multiplier: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token E4M3 codes and float32 scales [M, 1] of t = (gelu_tanh(x) if gelu, else x) + shift, times
-    multiplier [K] if given, computed in float32 in the quantization pass itself: an MLP's GELU (and an
-    SVDQuant layer's shift and smoothing) costs no pass of its own, and t is never written. The GELU's
-    tanh is the GPU's approximate instruction (absolute error ~2**-11, see _tanh_approx)."""
-    return launch_quant_per_token(x, gelu, shift, multiplier)
+@torch.library.custom_op("qdit::fp8_quant_per_token_gelu", mutates_args=())
+def fp8_quant_per_token_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token E4M3 codes and float32 scales [M, 1] of t = gelu_tanh(x + bias) (bias [K] optional),
+    computed in float32 in the quantization pass itself: an MLP's hidden activation (the first Linear's
+    output before its bias) costs no pass of its own, and t is never written. The GELU's tanh is the GPU's
+    approximate instruction (absolute error ~2**-11, see _tanh_approx)."""
+    return launch_quant_per_token(x, bias, gelu=True)
 
 
-@fp8_quant_per_token_transformed.register_fake
-def _(x, gelu, shift, multiplier):
+@fp8_quant_per_token_gelu.register_fake
+def _(x, bias):
     return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 

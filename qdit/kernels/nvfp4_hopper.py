@@ -185,25 +185,23 @@ def w4a8_weight(layer) -> torch.Tensor:
                          layer.w4a8_lr_up, layer.w4a8_lr_down, layer.w4a8_col_factor)
 
 
-def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """xs [M, K] quantized to FP8, times the layer's 4-bit weight as FP8, plus bias (in the GEMM's epilogue).
-    Activation scales: per token, or input_scale (a calibrated per-tensor FP8 scale) where the layer has one,
-    which keeps the quantization elementwise. Under torch.compile it is plain tensor ops, fused into the
-    kernel that produced xs."""
+def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [M, K] quantized to FP8, times the layer's 4-bit weight as FP8 (no bias). Activation scales: per
+    token, or input_scale (a calibrated per-tensor FP8 scale) where the layer has one, which keeps the
+    quantization elementwise. Under torch.compile it is plain tensor ops, fused into the kernel that
+    produced xs."""
     if input_scale is None:
         xq, scale_a = quantize_per_token(xs)
     else:
         xq = quantize_static(xs, input_scale)
         scale_a = input_scale.reshape(1, 1).expand(xs.shape[0], 1).contiguous()  # cuBLASLt row-wise: [M, 1]
-    return w4a8_matmul(layer, xq, scale_a, bias)
+    return w4a8_matmul(layer, xq, scale_a)
 
 
-def w4a8_matmul(layer, xq: torch.Tensor, scale_a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """FP8 codes xq [M, K] with their scales [M, 1], times the layer's FP8 weight, plus bias, in bf16/fp16.
-    The bias in the epilogue: added after the GEMM, it is a pass of its own wherever a custom op (which
-    inductor does not fuse into) reads the output."""
-    return torch._scaled_mm(xq, w4a8_weight(layer).t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale, bias=bias,
+def w4a8_matmul(layer, xq: torch.Tensor, scale_a: torch.Tensor) -> torch.Tensor:
+    """FP8 codes xq [M, K] with their scales [M, 1], times the layer's FP8 weight (no bias), in the layer's
+    dtype."""
+    return torch._scaled_mm(xq, w4a8_weight(layer).t(), scale_a=scale_a, scale_b=layer.w4a8_row_scale,
                             out_dtype=layer.compute_dtype)
 
 
@@ -306,7 +304,9 @@ class NVFP4HopperBackend:
             if layer.layer_quant.lora_rank:
                 y = y + (xs @ layer.w4a8_lr_down.t()) @ layer.tensor("svdquant_lora_b").t()
         else:  # the low-rank branch is folded into the FP8 weight
-            y = w4a8_gemm(layer, xs, input_scale=layer.w4a8_input_scale, bias=layer.bias)
+            y = w4a8_gemm(layer, xs, input_scale=layer.w4a8_input_scale)
+            if layer.bias is not None:  # fused by inductor into the next kernel (see svdquant_hopper._with_bias)
+                y = y + layer.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_transformed, quantize_per_token, triton
+from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_gelu, quantize_per_token, triton
 from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_matmul
 from qdit.kernels.registry import YES, Verdict
 from qdit.kernels.w4_gemv import awq_w4a16_gemm
@@ -237,11 +237,10 @@ class SVDQuantHopperBackend:
             return y.reshape(*x.shape[:-1], y.shape[-1])
         # Smoothing, shift and low-rank branch are folded into the FP8 weight and w4a8_bias (prepare).
         if layer.input_gelu:  # x is the MLP's pre-activation (qdit.models.activations.defer_gelu_to_next_linear)
-            xq, scale_a = fp8_quant_per_token_transformed(x2d, True, 0.0, None)
+            xq, scale_a = fp8_quant_per_token_gelu(x2d, layer.input_gelu_bias)
         else:
             xq, scale_a = quantize_per_token(x2d)
-        y = w4a8_matmul(layer, xq, scale_a, layer.w4a8_bias)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _with_bias(layer, w4a8_matmul(layer, xq, scale_a), x.shape)
 
     def takes_fp8_input(self, layer) -> bool:
         """Layers on the W4A8 route multiply an FP8 activation's codes as they are (qdit.quant.fp8_input):
@@ -254,16 +253,24 @@ class SVDQuantHopperBackend:
         activation's one scale repeated per row."""
         c2d = codes.reshape(-1, codes.shape[-1])
         scale_a = scale.reshape(1, 1).expand(c2d.shape[0], 1).contiguous()
-        y = w4a8_matmul(layer, c2d, scale_a, layer.w4a8_bias)
-        return y.reshape(*codes.shape[:-1], y.shape[-1])
+        return _with_bias(layer, w4a8_matmul(layer, c2d, scale_a), codes.shape)
 
     def fuse_input_gelu(self, layer) -> Verdict:
-        """The W4A8 route applies the MLP's tanh-GELU in its per-token quantization pass."""
+        """The W4A8 route applies the MLP's tanh-GELU (after the first Linear's bias) in its per-token
+        quantization pass."""
         if layer.layer_quant.scheme not in (Scheme.SVDQ_INT4, Scheme.SVDQ_NVFP4):
             return Verdict(False, f"{layer.layer_quant.scheme.value} layers quantize no activation")
         if layer.layer_quant.scheme is Scheme.SVDQ_INT4 and not self.int4_w4a8:
             return Verdict(False, f"backend {self.name} quantizes the input to INT4 in its own pass")
         return YES
+
+    def release_output_bias(self, layer) -> torch.Tensor | None:
+        """The bias a W4A8 layer adds, handed to the layer after it (whose GELU input pass adds it) and no
+        longer added here; None where the layer has none or adds it elsewhere."""
+        if getattr(layer, "w4a8_bias", None) is None:
+            return None
+        bias, layer.w4a8_bias = layer.w4a8_bias, None
+        return bias
 
     def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:
         """SVDQuant layers on the W4A8 route."""
@@ -273,6 +280,15 @@ class SVDQuantHopperBackend:
             return None, f"backend {self.name} computes each layer alone"
         # Their smoothing and shift are folded into each one's weight and bias: the input is shared as is.
         return fuse_w4a8_layers(layers, [(None, None)] * len(layers), [layer.w4a8_bias for layer in layers])
+
+
+def _with_bias(layer, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """y [M, N] plus the layer's W4A8 bias, shaped as the input's rows. Added after the GEMM, where inductor
+    fuses it into the kernel that reads y: in cuBLASLt's epilogue it made these GEMMs about 7 % slower
+    (Qwen-Image, H100, benchmarks/results/h100-2026-12-06b)."""
+    if layer.w4a8_bias is not None:
+        y = y + layer.w4a8_bias
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class SVDQuantHopperExactBackend(SVDQuantHopperBackend):

@@ -53,7 +53,8 @@ class LinearTanhGELU(nn.Module):
 
 class LinearDeferredGELU(nn.Module):
     """In place of a LinearTanhGELU whose GELU the next Linear applies as it quantizes its input
-    (QuantLinear.input_gelu): returns `proj`'s output, the pre-activation; `proj` keeps its name."""
+    (QuantLinear.input_gelu): returns `proj`'s output, the pre-activation (without proj's bias where proj
+    handed it to the next Linear); `proj` keeps its name."""
 
     def __init__(self, proj: nn.Module):
         super().__init__()
@@ -65,8 +66,10 @@ class LinearDeferredGELU(nn.Module):
 
 def defer_gelu_to_next_linear(model: nn.Module) -> Counter:
     """In each diffusers FeedForward whose `net` is [LinearTanhGELU, Dropout(p=0), QuantLinear, ...], let the
-    QuantLinear apply the GELU where its backend's `fuse_input_gelu(layer)` agrees. Returns how many MLPs
-    took it or not, and why, and logs it once."""
+    QuantLinear apply the GELU where its backend's `fuse_input_gelu(layer)` agrees. The first Linear's bias
+    goes with it where that layer's backend can hand it over (`release_output_bias`): the first GEMM then
+    writes its bare product and nothing reads it before the quantization pass. Returns how many MLPs took
+    it or not, and why, and logs it once."""
     outcome: Counter = Counter()
     for module in model.modules():
         net = getattr(module, "net", None)
@@ -84,9 +87,14 @@ def defer_gelu_to_next_linear(model: nn.Module) -> Counter:
             reason = verdict.reason if verdict is not None else f"backend {out.backend.name} has no fused GELU input"
             outcome[f"GELU not deferred: {reason}"] += 1
             continue
-        net[0] = LinearDeferredGELU(net[0].proj)
+        proj = net[0].proj
+        release = getattr(getattr(proj, "backend", None), "release_output_bias", None)
+        bias = release(proj) if isinstance(proj, QuantLinear) and release is not None else None
+        net[0] = LinearDeferredGELU(proj)
         out.input_gelu = True
-        outcome["GELU deferred to the output Linear's input quantization"] += 1
+        out.input_gelu_bias = None if bias is None else bias.detach()  # a buffer, never a Parameter of out
+        with_bias = " with the first Linear's bias" if bias is not None else ""
+        outcome[f"GELU deferred to the output Linear's input quantization{with_bias}"] += 1
     if outcome:
         log.info("MLPs: %s", "; ".join(f"{n} {what}" for what, n in sorted(outcome.items())))
     return outcome

@@ -25,8 +25,8 @@ class QuantLinear(nn.Module):
     loader from `weights_4bit="expanded_fp8"`) asks a backend whose route multiplies a 4-bit layer as FP8
     to expand it once in `prepare` and release the packed tensors it no longer reads. `input_gelu` (set by
     qdit.models.activations.defer_gelu_to_next_linear, where the backend agrees) means the input is an MLP's
-    pre-activation, and the layer computes linear(gelu_tanh(x)), the backend applying the GELU as it
-    quantizes the input.
+    pre-activation, and the layer computes linear(gelu_tanh(x + input_gelu_bias)), the backend applying the
+    GELU (and the first Linear's bias, where that layer handed it over) as it quantizes the input.
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, layer_quant: LayerQuant,
@@ -49,6 +49,7 @@ class QuantLinear(nn.Module):
         self.backend = None
         self.expand_fp8_at_load = False
         self.input_gelu = False
+        self.register_buffer("input_gelu_bias", None, persistent=False)
         self.released: set[str] = set()
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:

@@ -79,30 +79,33 @@ def test_compiled_per_token_quantization(k):
     assert step.max().item() <= 0.125
 
 
-@pytest.mark.parametrize("gelu,shift,multiplied", [(True, 0.0, False), (True, 0.171875, True), (False, 0.5, True)])
-@pytest.mark.parametrize("m,k", [(1, 12288), (256, 12288), (4096, 12288), (33, 3072), (5, 200)])
-def test_transformed_per_token_quantization(gelu, shift, multiplied, m, k):
-    """fp8_quant_per_token_transformed: the transform (GELU, shift, multiplier) in float32 inside the pass;
-    each code within one E4M3 rounding (plus the approximate tanh's error) of t / scale, scale = amax(t) / 448;
-    the row in one block (K <= PER_TOKEN_TILES' cap) or in several."""
-    from qdit.kernels.fp8_scaled_mm import fp8_quant_per_token_transformed
+@pytest.mark.parametrize("gelu,biased", [(True, False), (True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("m,k,tiles", [(1, 12288, None), (256, 12288, None), (4096, 12288, None),
+                                       (256, 12288, (4096, 8)), (33, 3072, None), (5, 200, None),
+                                       (3, 20000, None)])
+def test_per_token_pass_with_bias_and_gelu(gelu, biased, m, k, tiles):
+    """The per-token pass (qdit::fp8_quant_per_token_gelu, and the plain one): t = gelu_tanh(x + bias)
+    in float32 inside the pass; each code within one E4M3 rounding (plus the approximate tanh's error) of
+    t / scale, scale = amax(t) / 448; the row in one block (up to ROW_IN_ONE_BLOCK) or in chunks."""
+    from qdit.kernels.fp8_scaled_mm import fp8_quant_per_token_gelu, launch_quant_per_token
     from qdit.models.activations import gelu_tanh
 
     gen = torch.Generator(device="cuda").manual_seed(m + k)
     x = (torch.randn(m, k, device="cuda", generator=gen) * 3).bfloat16()
     x[0, : k // 2] = -20.0  # GELU's far negative tail
-    mult = (0.5 + torch.rand(k, device="cuda", generator=gen)).bfloat16() if multiplied else None
-    t = gelu_tanh(x.float()) if gelu else x.float()
-    t = (t + shift) * (mult.float() if multiplied else 1.0)
-    q, s = fp8_quant_per_token_transformed(x, gelu, shift, mult)
-    want_s = t.abs().amax(dim=1, keepdim=True) / 448
-    torch.testing.assert_close(s, want_s, rtol=2e-3, atol=0)
+    bias = torch.randn(k, device="cuda", generator=gen).bfloat16() if biased else None
+    pre = x.float() + (bias.float() if biased else 0.0)
+    t = gelu_tanh(pre) if gelu else pre
+    if gelu and tiles is None:
+        q, s = fp8_quant_per_token_gelu(x, bias)
+    else:
+        q, s = launch_quant_per_token(x, bias, gelu=gelu, tiles=tiles)
+    torch.testing.assert_close(s, t.abs().amax(dim=1, keepdim=True) / 448, rtol=2e-3, atol=0)
     err = (q.float() * s - t).abs()
     bound = (2.0**-4 + 2.0**-9) * t.abs() + s * 2.0**-9
-    if gelu:  # tanh.approx's absolute error (~2**-11) times x / 2, times the multiplier
-        bound = bound + 2.5e-4 * x.float().abs() * (mult.float() if multiplied else 1.0)
+    if gelu:  # tanh.approx's absolute error (~2**-11) times |x| / 2
+        bound = bound + 2.5e-4 * pre.abs()
     assert (err <= bound).all(), (err - bound).max()
-    if m > 1:
-        zero = torch.zeros(2, k, device="cuda", dtype=torch.bfloat16)  # a row of zeros: t = shift * mult
-        q0, s0 = fp8_quant_per_token_transformed(zero, gelu, shift, mult)
-        assert (s0 == 1).all() if shift == 0 else torch.isfinite(s0).all()
+    zero = torch.zeros(2, k, device="cuda", dtype=torch.bfloat16)  # t = 0: scale 1, codes 0
+    q0, s0 = launch_quant_per_token(zero, None, gelu=gelu, tiles=tiles)
+    assert (s0 == 1).all() and (q0.float() == 0).all()

@@ -41,9 +41,8 @@ def _expand(weight, scales, row_factor, int4, lr_up=None, lr_down=None, col_fact
     return numerics.to_e4m3(w)
 
 
-def _quant_transformed(x, gelu, shift, multiplier):
-    t = (gelu_tanh(x.float()) if gelu else x.float()) + shift
-    return numerics.fp8_quantize_per_token(t * multiplier.float() if multiplier is not None else t)
+def _quant_gelu(x, bias):
+    return numerics.fp8_quantize_per_token(gelu_tanh(x.float() + (bias.float() if bias is not None else 0.0)))
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +52,7 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(nvfp4_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
     monkeypatch.setattr(nvfp4_hopper, "quantize_static", numerics.fp8_quantize_static)
     monkeypatch.setattr(svdquant_hopper, "quantize_per_token", numerics.fp8_quantize_per_token)
-    monkeypatch.setattr(svdquant_hopper, "fp8_quant_per_token_transformed", _quant_transformed)
+    monkeypatch.setattr(svdquant_hopper, "fp8_quant_per_token_gelu", _quant_gelu)
 
 
 def _layer(lq, gen):
@@ -128,19 +127,34 @@ def test_int4_w4a8_route_computes_the_layer(make, m):
 @pytest.mark.parametrize("make", [nunchaku_int4_gelu_layer, nunchaku_nvfp4_layer])
 @pytest.mark.parametrize("m", [1, 200])
 def test_deferred_gelu_computes_the_layer_on_the_gelu_output(make, m):
-    """With input_gelu the layer takes the MLP's pre-activation and applies the GELU in its quantization:
-    the same output as the layer on the GELU's output (here, where the torch stand-in of the op rounds
-    nothing in between, equal)."""
+    """With input_gelu the layer takes the MLP's pre-activation (without the first Linear's bias, which it
+    adds) and applies the GELU in its quantization: the same output as the layer on the GELU's output (here,
+    where the torch stand-in of the op rounds nothing in between, equal)."""
     gen = torch.Generator().manual_seed(m)
     backend, layer, exact = make(gen)
     backend.prepare(layer)
     h = torch.randn(m, K, generator=gen).to(torch.bfloat16) * 2
-    on_gelu = backend.apply(layer, gelu_tanh(h.float()))
+    fc1_bias = torch.randn(K, generator=gen).to(torch.bfloat16)
+    on_gelu = backend.apply(layer, gelu_tanh(h.float() + fc1_bias.float()))
     assert backend.fuse_input_gelu(layer).ok
-    layer.input_gelu = True
+    layer.input_gelu, layer.input_gelu_bias = True, fc1_bias
     assert torch.equal(backend.apply(layer, h.float()), on_gelu)
-    want = exact(gelu_tanh(h.float()))
+    want = exact(gelu_tanh(h.float() + fc1_bias.float()))
     assert ((on_gelu.float() - want).norm() / want.norm()).item() < W4A8_BOUND
+
+
+def test_a_layer_hands_its_bias_to_the_next_one():
+    """release_output_bias: the W4A8 layer stops adding its bias and returns it (for the next layer's GELU
+    input); its output is then the bare product."""
+    gen = torch.Generator().manual_seed(0)
+    backend, layer, _ = nunchaku_nvfp4_layer(gen)
+    backend.prepare(layer)
+    x = torch.randn(5, K, generator=gen).to(torch.bfloat16)
+    with_bias = backend.apply(layer, x)
+    bias = backend.release_output_bias(layer)
+    assert bias is not None and layer.w4a8_bias is None
+    torch.testing.assert_close(backend.apply(layer, x) + bias, with_bias, rtol=1e-2, atol=1e-2)
+    assert backend.release_output_bias(layer) is None
 
 
 def modelopt_w4a16_layer(gen):

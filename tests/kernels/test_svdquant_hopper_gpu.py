@@ -240,12 +240,13 @@ def test_projections_fuse_whatever_their_smoothing_but_not_when_packed():
     """The W4A8 route folds each layer's smoothing into its weight, so q/k/v with different smoothing
     vectors (a checkpoint whose projections were calibrated apart) still share one quantized input."""
     layers, backend = qkv_layers("int4", 256, 384, seed=0, same_smoothing=False)
+    packed, _ = qkv_layers("int4", 256, 384, seed=0, expanded=False, same_smoothing=False)  # the same layers
     x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
     fused, reason = backend.fuse_shared_input(layers)
     assert fused is not None, reason
-    for got, layer in zip(fused(x), layers):
+    for got, layer, twin in zip(fused(x), layers, packed):
         assert rel(got, layer(x)) < 5e-3
-        assert rel(got, svdq_reference_forward(layer, x)) < 0.2
+        assert rel(got, svdq_reference_forward(twin, x)) < 0.2
     layers, backend = qkv_layers("int4", 256, 384, seed=0, expanded=False)
     assert backend.fuse_shared_input(layers) == (None, "their 4-bit weights are expanded per call "
                                                        "(weights_4bit='packed')")
@@ -256,23 +257,25 @@ def test_projections_fuse_whatever_their_smoothing_but_not_when_packed():
 @pytest.mark.parametrize("expanded", [False, True])
 def test_deferred_gelu_is_the_layer_on_the_gelu_output(precision, m, expanded):
     """An MLP's output Linear with input_gelu (qdit.models.activations.defer_gelu_to_next_linear) takes the
-    pre-activation and applies the GELU in its quantization pass: as close to the reference on the GELU's
-    output as the layer run on that output itself; eager and compiled alike."""
+    pre-activation without the first Linear's bias and applies bias and GELU in its quantization pass: as
+    close to the reference on the GELU's output as the layer run on that output itself; eager and compiled
+    alike."""
     from qdit.models.activations import gelu_tanh
 
     lq = (LayerQuant(Scheme.SVDQ_INT4, lora_rank=32, gelu_shift=True) if precision == "int4"
           else LayerQuant(Scheme.SVDQ_NVFP4, lora_rank=32, wtscale=True))
-    layer = make_layer(lq, 12288, 3072, seed=m)
+    layer, twin = make_layer(lq, 12288, 3072, seed=m), make_layer(lq, 12288, 3072, seed=m)  # twin stays packed
     layer.expand_fp8_at_load = expanded
     backend = backend_by_name("svdq-hopper")
     assert backend.fuse_input_gelu(layer).ok
     layer.backend = backend
     backend.prepare(layer)
     h = torch.randn(m, 12288, device="cuda", dtype=torch.bfloat16) * 2
-    g = gelu_tanh(h)
+    fc1_bias = (torch.randn(12288, device="cuda") * 0.5).bfloat16()
+    g = gelu_tanh(h + fc1_bias)
     on_gelu = layer(g)
-    ref = svdq_reference_forward(layer, g)
-    layer.input_gelu = True
+    ref = svdq_reference_forward(twin, g)
+    layer.input_gelu, layer.input_gelu_bias = True, fc1_bias
     deferred = layer(h)
     assert "GELU applied as it is quantized" in repr(layer)
     assert rel(deferred, on_gelu) < 1e-2, rel(deferred, on_gelu)
@@ -296,7 +299,7 @@ def test_fp8_input_is_the_layer_on_its_dequantized_value(precision, m):
     from qdit.kernels.attention_fp8 import quantize_per_tensor
     from qdit.quant.fp8_input import FP8Activation, linear
 
-    layers, backend = qkv_layers(precision, 3072, 3072, seed=m)
+    layers, backend = qkv_layers(precision, 3072, 3072, seed=m, expanded=False)  # packed: the reference reads it
     layer = layers[0]
     codes, scale = quantize_per_tensor(torch.randn(1, m, 3072, device="cuda", dtype=torch.bfloat16))
     activation = FP8Activation(codes, scale, torch.bfloat16)
