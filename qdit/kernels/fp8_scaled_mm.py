@@ -87,12 +87,12 @@ if triton is not None:
         tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=m)
 
 
-# The per-token pass holds a row of up to ROW_IN_ONE_BLOCK values in one block (read and transformed once,
-# ROW_WARPS warps); wider rows go in CHUNK_TILES = (BLOCK_K, warps) chunks, read twice (the second time
-# mostly from L2). On an H100 the MLP hidden's GELU + quantization (4096 x 12288) took 56.1 us in one block
-# of 16 warps, 61.3 us in 4096-wide chunks of 8 warps, 74-78 us with 8192/16 or 16384/32
-# (benchmarks/results/h100-2026-12-06b/run1-gelu-quant.txt).
-ROW_IN_ONE_BLOCK, ROW_WARPS = 16384, 16
+# The per-token pass holds a row of up to ROW_IN_ONE_BLOCK values in one block (read and transformed once);
+# wider rows go in CHUNK_TILES = (BLOCK_K, warps) chunks, read twice (the second time mostly from L2). On an
+# H100, bias + GELU + quantization of the MLP hidden (4096 x 12288) took 69.5 us in 4096-wide chunks of 8
+# warps and 82.4 us with the row in one 16384-wide block of 16 warps (without the bias: 61.3 and 56.1 us)
+# (benchmarks/results/h100-2026-12-06b/run2-gelu-quant.txt, run1-gelu-quant.txt).
+ROW_IN_ONE_BLOCK = 4096
 CHUNK_TILES = (4096, 8)
 
 
@@ -106,8 +106,7 @@ def launch_quant_per_token(x: torch.Tensor, bias: torch.Tensor | None = None, ge
     if m:
         if tiles is None:
             whole = triton.next_power_of_2(k)
-            tiles = (whole, ROW_WARPS if whole >= 8192 else 8 if whole >= 2048 else 4) \
-                if whole <= ROW_IN_ONE_BLOCK else CHUNK_TILES
+            tiles = (whole, 8 if whole >= 2048 else 4) if whole <= ROW_IN_ONE_BLOCK else CHUNK_TILES
         block, warps = tiles
         _quant_per_token_kernel[(m,)](x, bias, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block,
                                       HAS_BIAS=bias is not None, GELU=gelu, num_warps=warps)

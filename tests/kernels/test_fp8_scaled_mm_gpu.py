@@ -81,7 +81,7 @@ def test_compiled_per_token_quantization(k):
 
 @pytest.mark.parametrize("gelu,biased", [(True, False), (True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("m,k,tiles", [(1, 12288, None), (256, 12288, None), (4096, 12288, None),
-                                       (256, 12288, (4096, 8)), (33, 3072, None), (5, 200, None),
+                                       (256, 12288, (16384, 16)), (33, 3072, None), (5, 200, None),
                                        (3, 20000, None)])
 def test_per_token_pass_with_bias_and_gelu(gelu, biased, m, k, tiles):
     """The per-token pass (qdit::fp8_quant_per_token_gelu, and the plain one): t = gelu_tanh(x + bias)

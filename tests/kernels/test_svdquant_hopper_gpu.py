@@ -278,7 +278,9 @@ def test_deferred_gelu_is_the_layer_on_the_gelu_output(precision, m, expanded):
     layer.input_gelu, layer.input_gelu_bias = True, fc1_bias
     deferred = layer(h)
     assert "GELU applied as it is quantized" in repr(layer)
-    assert rel(deferred, on_gelu) < 1e-2, rel(deferred, on_gelu)
+    # Two FP8 roundings of nearly the same values (one of the bf16 GELU output, one of the float32 GELU),
+    # each ~1-2 % in norm: they differ by about as much (0.011-0.015 on an H100).
+    assert rel(deferred, on_gelu) < 3e-2, rel(deferred, on_gelu)
     assert rel(deferred, ref) <= 1.1 * rel(on_gelu, ref) + 2e-3, (rel(deferred, ref), rel(on_gelu, ref))
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)(h)
@@ -301,8 +303,9 @@ def test_fp8_input_is_the_layer_on_its_dequantized_value(precision, m):
 
     layers, backend = qkv_layers(precision, 3072, 3072, seed=m, expanded=False)  # packed: the reference reads it
     layer = layers[0]
-    codes, scale = quantize_per_tensor(torch.randn(1, m, 3072, device="cuda", dtype=torch.bfloat16))
-    activation = FP8Activation(codes, scale, torch.bfloat16)
+    # as the processors hand it over: [B, S, H, D] codes with one scale, heads flattened
+    codes, scale = quantize_per_tensor(torch.randn(1, m, 24, 128, device="cuda", dtype=torch.bfloat16))
+    activation = FP8Activation(codes.flatten(2, 3), scale, torch.bfloat16)
     assert backend.takes_fp8_input(layer)
     got = linear(layer, activation)
     want = layer(activation.dequantize())
