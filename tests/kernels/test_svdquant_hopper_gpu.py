@@ -297,7 +297,8 @@ def test_exact_backend_keeps_the_gelu_in_the_mlp():
 @pytest.mark.parametrize("m", [1, 256, 4096])
 def test_fp8_input_is_the_layer_on_its_dequantized_value(precision, m):
     """An E4M3 activation with one scale (the FP8 attention's output) multiplied as it is: the layer's
-    output on the dequantized activation, up to that path's second (per-token) rounding."""
+    output on the dequantized activation, up to that path's second (per-token) rounding, and at least as
+    close to the unquantized-activation layer."""
     from qdit.kernels.attention_fp8 import quantize_per_tensor
     from qdit.quant.fp8_input import FP8Activation, linear
 
@@ -310,5 +311,10 @@ def test_fp8_input_is_the_layer_on_its_dequantized_value(precision, m):
     got = linear(layer, activation)
     want = layer(activation.dequantize())
     assert got.shape == want.shape == (1, m, 3072)
-    assert rel(got, want) < 2e-2, rel(got, want)
-    assert rel(got, svdq_reference_forward(layer, activation.dequantize()[0])) < 0.2
+    # The requantized path rounds the activation a second time (per token): the two differ by about one
+    # FP8 rounding (0.028-0.030 on an H100), and the codes taken as they are lose nothing more.
+    value = activation.dequantize()[0]
+    exact = unquantized_activation_forward(layer, value)
+    assert rel(got, want) < 5e-2, rel(got, want)
+    assert rel(got[0], exact) <= rel(want[0], exact) + 1e-3, (rel(got[0], exact), rel(want[0], exact))
+    assert rel(got[0], svdq_reference_forward(layer, value)) < 0.2
