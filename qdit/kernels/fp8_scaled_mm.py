@@ -6,6 +6,10 @@ compiles with torch.compile(fullgraph=True) without graph breaks.
 Math is the reference backend's (qdit.kernels.reference), up to the GEMM's accumulation order:
   FP8, static:   xq = e4m3_sat(x / input_scale);   y = (xq @ Wq^T) * input_scale * weight_scale + b
   FP8, dynamic / FP8_PER_CHANNEL: per-token s_m = amax(x[m]) / 448;  y = (xq @ Wq^T) * s_m * ws + b
+
+The per-token pass also serves the W4A8 routes (qdit.kernels.nvfp4_hopper, svdquant_hopper), and in the
+variant qdit::fp8_quant_per_token_gelu it adds a bias and applies an MLP's tanh-GELU to the row before
+quantizing it.
 """
 
 from __future__ import annotations
