@@ -215,6 +215,8 @@ class SVDQuantHopperBackend:
         if lq.gelu_shift:
             shift_term = GELU_SHIFT * (layer.method.dequantize(layer).float() @ inverse_smooth)
             bias = shift_term if bias is None else bias + shift_term
+        if getattr(layer, "w4a8_bias_handed_over", False):
+            bias = None  # prepared again after release_output_bias: the next layer adds it
         layer.register_buffer("w4a8_bias", None if bias is None else bias.to(dtype), persistent=False)
         proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
         prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4, factor=factor,
@@ -270,6 +272,7 @@ class SVDQuantHopperBackend:
         if getattr(layer, "w4a8_bias", None) is None:
             return None
         bias, layer.w4a8_bias = layer.w4a8_bias, None
+        layer.w4a8_bias_handed_over = True
         return bias
 
     def fuse_shared_input(self, layers) -> tuple[torch.nn.Module | None, str]:

@@ -155,6 +155,8 @@ def test_a_layer_hands_its_bias_to_the_next_one():
     assert bias is not None and layer.w4a8_bias is None
     torch.testing.assert_close(backend.apply(layer, x) + bias, with_bias, rtol=1e-2, atol=1e-2)
     assert backend.release_output_bias(layer) is None
+    backend.prepare(layer)  # prepared again: the bias stays with the layer it was handed to
+    assert layer.w4a8_bias is None
 
 
 def modelopt_w4a16_layer(gen):
