@@ -131,7 +131,7 @@ def _(weight, scales, row_factor, int4, lr_up=None, lr_down=None, col_factor=Non
 
 def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch.Tensor | float = 1.0,
                        low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       column_factor: torch.Tensor | None = None) -> None:
+                       column_factor: torch.Tensor | None = None) -> torch.Tensor | None:
     """The W4A8 route's buffers for a layer whose dequantized weight (layer.method.dequantize) is
     decoded code * group scale * factor[n], its packed codes and group scales being the tensors named
     `codes` and `scales`: its per-row FP8 scale and the factor mapping the group-scaled codes onto it.
@@ -146,10 +146,14 @@ def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch
     With layer.expand_fp8_at_load the FP8 weight is expanded here, once, and the packed codes and
     scales are released: the memory of an FP8 checkpoint instead of a 4-bit one, no expansion per call;
     the FP8 weight is the one every call would have expanded. A layer prepared again after that (static
-    activation scales calibrated after loading) keeps it."""
+    activation scales calibrated after loading) keeps it.
+
+    Returns the dequantized 4-bit weight's row sums on the route's input, sum_k W[n, k] * column_factor[k]
+    (float32 [N], for a caller's bias terms), or None for a layer whose weight was expanded already."""
     if codes in layer.released:
-        return
+        return None
     weight = layer.method.dequantize(layer)
+    row_sums = weight @ column_factor.float() if column_factor is not None else weight.sum(dim=1)
     if low_rank is not None:
         down, up = low_rank
         weight = weight + up.float() @ down.float()
@@ -174,6 +178,7 @@ def prepare_w4a8_route(layer, codes: str, scales: str, int4: bool, factor: torch
         layer.w4a8_weight = w4a8_weight(layer)
         layer.w4a8_lr_up = layer.w4a8_lr_down = layer.w4a8_col_factor = None
         layer.release(codes, scales)
+    return row_sums
 
 
 def w4a8_weight(layer) -> torch.Tensor:
@@ -194,8 +199,13 @@ def w4a8_gemm(layer, xs: torch.Tensor, input_scale: torch.Tensor | None = None) 
         xq, scale_a = quantize_per_token(xs)
     else:
         xq = quantize_static(xs, input_scale)
-        scale_a = input_scale.reshape(1, 1).expand(xs.shape[0], 1).contiguous()  # cuBLASLt row-wise: [M, 1]
+        scale_a = per_row(input_scale, xs.shape[0])
     return w4a8_matmul(layer, xq, scale_a)
+
+
+def per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A one-element activation scale as cuBLASLt's row-wise mode takes it: [rows, 1], contiguous."""
+    return scale.reshape(1, 1).expand(rows, 1).contiguous()
 
 
 def w4a8_matmul(layer, xq: torch.Tensor, scale_a: torch.Tensor) -> torch.Tensor:

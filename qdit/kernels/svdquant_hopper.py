@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from qdit.kernels.fp8_scaled_mm import fp8_gpu_verdict, fp8_quant_per_token_gelu, quantize_per_token, triton
-from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, prepare_w4a8_route, w4a8_matmul
+from qdit.kernels.nvfp4_hopper import fuse_w4a8_layers, per_row, prepare_w4a8_route, w4a8_matmul
 from qdit.kernels.registry import YES, Verdict
 from qdit.kernels.w4_gemv import awq_w4a16_gemm
 from qdit.quant.scheme import LayerQuant, Scheme
@@ -210,17 +210,16 @@ class SVDQuantHopperBackend:
         if "qweight" in layer.released:
             return  # prepared before, its weight expanded at load: every buffer is in place
         smooth = layer.tensor("smooth_factor").float()
-        inverse_smooth = 1.0 / smooth
+        proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
+        row_sums = prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4,
+                                      factor=factor, low_rank=((proj_down * smooth[:, None]).t(), proj_up),
+                                      column_factor=1.0 / smooth)
         bias = layer.bias.float() if layer.bias is not None else None
-        if lq.gelu_shift:
-            shift_term = GELU_SHIFT * (layer.method.dequantize(layer).float() @ inverse_smooth)
-            bias = shift_term if bias is None else bias + shift_term
+        if lq.gelu_shift:  # row_sums = sum_k W[n, k] / smooth[k]
+            bias = GELU_SHIFT * row_sums if bias is None else bias + GELU_SHIFT * row_sums
         if getattr(layer, "w4a8_bias_handed_over", False):
             bias = None  # prepared again after release_output_bias: the next layer adds it
         layer.register_buffer("w4a8_bias", None if bias is None else bias.to(dtype), persistent=False)
-        proj_down, proj_up = layer.tensor("proj_down").float(), layer.tensor("proj_up").float()
-        prepare_w4a8_route(layer, "qweight", "wscales", int4=lq.scheme is Scheme.SVDQ_INT4, factor=factor,
-                           low_rank=((proj_down * smooth[:, None]).t(), proj_up), column_factor=inverse_smooth)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -254,8 +253,7 @@ class SVDQuantHopperBackend:
         """The layer on codes [..., K] (E4M3) times scale (one float32): cuBLASLt's row-wise mode takes the
         activation's one scale repeated per row."""
         c2d = codes.reshape(-1, codes.shape[-1])
-        scale_a = scale.reshape(1, 1).expand(c2d.shape[0], 1).contiguous()
-        return _with_bias(layer, w4a8_matmul(layer, c2d, scale_a), codes.shape)
+        return _with_bias(layer, w4a8_matmul(layer, c2d, per_row(scale, c2d.shape[0])), codes.shape)
 
     def fuse_input_gelu(self, layer) -> Verdict:
         """The W4A8 route applies the MLP's tanh-GELU (after the first Linear's bias) in its per-token

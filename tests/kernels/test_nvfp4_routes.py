@@ -143,6 +143,15 @@ def test_deferred_gelu_computes_the_layer_on_the_gelu_output(make, m):
     assert ((on_gelu.float() - want).norm() / want.norm()).item() < W4A8_BOUND
 
 
+def test_gelu_shift_becomes_a_bias_term():
+    """The INT4 GELU-shift layer's shift, folded: w4a8_bias = bias + 0.171875 * sum_k W[n, k] / smooth[k]."""
+    backend, layer, _ = nunchaku_int4_gelu_layer(torch.Generator().manual_seed(1))
+    backend.prepare(layer)
+    smooth = layer.tensor("smooth_factor").float()
+    want = layer.bias.float() + GELU_SHIFT * (layer.method.dequantize(layer).float() @ (1.0 / smooth))
+    torch.testing.assert_close(layer.w4a8_bias.float(), want, rtol=2**-8, atol=1e-6)
+
+
 def test_a_layer_hands_its_bias_to_the_next_one():
     """release_output_bias: the W4A8 layer stops adding its bias and returns it (for the next layer's GELU
     input); its output is then the bare product."""
