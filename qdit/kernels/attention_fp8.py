@@ -122,7 +122,7 @@ _GRAPHS: dict[tuple, _CudnnGraph] = {}
 
 
 def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.Tensor,
-                   scale_k: torch.Tensor, scale_v: torch.Tensor, scale_o: torch.Tensor | None = None) -> torch.Tensor:
+                   scale_k: torch.Tensor, scale_v: torch.Tensor, scale_o: torch.Tensor) -> torch.Tensor:
     """fp8_sdpa on cuDNN; a clear error where cuDNN's FP8 attention cannot run or has no kernel for
     the shape (checked when a shape's graph is built, not on every call)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the graph's strides are [B, S, H, D]'s
@@ -139,7 +139,7 @@ def cudnn_fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: t
             raise QditError(f"cuDNN has no FP8 attention for q {tuple(q.shape)}, k/v {tuple(k.shape)} "
                             f"([B, S, H, D]) on this GPU: {e}. Use attention='bf16'.") from e
         _GRAPHS[key] = graph
-    return graph.run(q, k, v, scale_q, scale_k, scale_v, 1.0 / scale_v if scale_o is None else scale_o)
+    return graph.run(q, k, v, scale_q, scale_k, scale_v, scale_o)
 
 
 @torch.library.custom_op("qdit::fp8_sdpa", mutates_args=())
@@ -149,6 +149,7 @@ def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: torch.T
     [B, S_q, H, D], scaled by scale_v. scale_o, O's quantization factor, is 1 / scale_v: a caller under
     torch.compile passes it, computed where scale_v is (eager, `1 / scale_v` is two ATen kernels per call).
     cuDNN on CUDA, the PyTorch reference elsewhere."""
+    scale_o = 1.0 / scale_v if scale_o is None else scale_o
     if q.device.type != "cuda":
         return fp8_attention_reference(q, k, v, scale_q, scale_k, scale_v, scale_o)
     return cudnn_fp8_sdpa(q, k, v, scale_q, scale_k, scale_v, scale_o)

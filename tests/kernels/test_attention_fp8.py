@@ -145,8 +145,8 @@ def test_scores_use_the_softmax_scale_of_the_head_dimension():
 def test_the_cudnn_path_refuses_a_device_that_cannot_run_it(monkeypatch):
     q8, scale = torch.zeros(1, 4, 1, 16, dtype=torch.float8_e4m3fn), torch.ones(1, 1, 1, 1)
     with pytest.raises(QditError, match="cannot run on cpu: needs a CUDA device"):
-        attention_fp8.cudnn_fp8_sdpa(q8, q8, q8, scale, scale, scale)
+        attention_fp8.cudnn_fp8_sdpa(q8, q8, q8, scale, scale, scale, scale)
     monkeypatch.setattr(attention_fp8, "fp8_attention_verdict",
                         lambda device: attention_fp8.Verdict(False, "cudnn-frontend is not installed"))
     with pytest.raises(QditError, match="cudnn-frontend is not installed"):
-        attention_fp8.cudnn_fp8_sdpa(q8, q8, q8, scale, scale, scale)
+        attention_fp8.cudnn_fp8_sdpa(q8, q8, q8, scale, scale, scale, scale)
